@@ -1,0 +1,270 @@
+"""A member's client for a hashfed hub (aiohttp), used by the CLI and usable on its own.
+
+    async with HubClient("http://127.0.0.1:8080", SignerKey.parse(...)) as hub:
+        info = await hub.info()
+        await hub.submit(collection, additions=[Addition("pdq", h, ("csam",))])
+        answer = await hub.lookup([("pdq", h)])
+
+Every request except the public ones is signed (RFC 9421). Submissions are
+idempotent under retry: an envelope is signed once and re-sent as is, and the
+hub answers a repeat with the original log index.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+from urllib.parse import urlencode, urlsplit
+
+import aiohttp
+
+from .envelope import (
+    BATCH_TYPE,
+    OPINION_TYPE,
+    Addition,
+    Envelope,
+    Header,
+    OpinionItem,
+    Removal,
+    batch_payload,
+    opinion_payload,
+    sign_envelope,
+    utc_now,
+)
+from .httpsig import sign_request
+from .keys import SignerKey
+
+RETRY_STATUSES = frozenset({429, 502, 503, 504})
+
+
+class HubError(Exception):
+    """The hub refused a request (an RFC 9457 problem) or could not be reached."""
+
+    def __init__(self, status: int, detail: str, kind: str = "") -> None:
+        super().__init__(f"{status}: {detail}" if status else detail)
+        self.status = status
+        self.detail = detail
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class Submitted:
+    index: int
+    leaf_hash: bytes
+    created: bool
+
+
+def next_seq() -> int:
+    """A fresh seq: microseconds since the epoch, so a member needs no local counter."""
+    return time.time_ns() // 1000
+
+
+class HubClient:
+    def __init__(
+        self,
+        base_url: str,
+        signer: SignerKey | None = None,
+        *,
+        session: aiohttp.ClientSession | None = None,
+        retries: int = 4,
+        timeout: float = 120.0,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.signer = signer
+        self._base_path = urlsplit(self.base_url).path
+        self._own_session = session is None
+        self._session = session or aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout))
+        self.retries = retries
+        self._info: dict[str, Any] | None = None
+        self._last_seq = 0
+
+    async def __aenter__(self) -> HubClient:
+        return self
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._own_session:
+            await self._session.close()
+
+    # ---- transport ------------------------------------------------------
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, int | str] | None = None,
+        body: bytes | None = None,
+        signed: bool = True,
+        accept: str = "application/json",
+    ) -> aiohttp.ClientResponse:
+        query = urlencode(params or {})
+        url = f"{self.base_url}{path}" + (f"?{query}" if query else "")
+        for attempt in range(self.retries + 1):
+            headers = {"Accept": accept}
+            if body is not None:
+                headers["Content-Type"] = "application/json"
+            if signed:
+                if self.signer is None:
+                    raise HubError(0, "this request must be signed: give the client a signer key")
+                headers.update(sign_request(self.signer, method, self._base_path + path, query, body))
+            try:
+                response = await self._session.request(method, url, data=body, headers=headers)
+            except (TimeoutError, aiohttp.ClientConnectionError) as exc:
+                if attempt == self.retries:
+                    raise HubError(0, f"cannot reach the hub at {self.base_url}: {exc}") from exc
+            else:
+                if response.status < 400:
+                    return response
+                if response.status not in RETRY_STATUSES or attempt == self.retries:
+                    raise await _problem(response)
+                retry_after = response.headers.get("Retry-After", "")
+                response.release()
+                if retry_after.isdigit():
+                    await asyncio.sleep(min(int(retry_after), 30))
+                    continue
+            await asyncio.sleep(min(0.25 * 2**attempt, 5.0))
+        raise HubError(0, "unreachable")  # the loop always returns or raises
+
+    async def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = await self._request(method, path, **kwargs)
+        async with response:
+            return await response.json()
+
+    # ---- public endpoints -----------------------------------------------
+
+    async def info(self) -> dict[str, Any]:
+        if self._info is None:
+            self._info = await self._json("GET", "/v1/hub", signed=False)
+        return self._info
+
+    async def ready(self) -> bool:
+        try:
+            await self._json(
+                "GET",
+                "/v1/ready",
+                signed=False,
+            )
+        except HubError:
+            return False
+        return True
+
+    async def checkpoint(self, collection: str) -> str:
+        response = await self._request("GET", f"/v1/collections/{collection}/checkpoint", signed=False)
+        async with response:
+            return await response.text()
+
+    # ---- member endpoints -----------------------------------------------
+
+    async def post_envelope(self, collection: str, envelope: Envelope) -> Submitted:
+        body = envelope.canonical()
+        response = await self._request("POST", f"/v1/collections/{collection}/entries", body=body)
+        async with response:
+            answer = await response.json()
+            return Submitted(answer["index"], base64.b64decode(answer["leaf_hash"]), response.status == 201)
+
+    async def _header(self, collection: str) -> Header:
+        info = await self.info()
+        self._last_seq = max(next_seq(), self._last_seq + 1)
+        return Header(info["federation"], collection, self._last_seq, utc_now())
+
+    def _member(self) -> SignerKey:
+        if self.signer is None:
+            raise HubError(0, "submitting needs a signer key")
+        return self.signer
+
+    async def submit(
+        self,
+        collection: str,
+        additions: Sequence[Addition] = (),
+        removals: Sequence[Removal] = (),
+    ) -> Submitted:
+        """Sign one batch and post it (retries re-send the same envelope)."""
+        signer = self._member()
+        payload = batch_payload(
+            await self._header(collection), signer.name, tuple(additions), tuple(removals)
+        )
+        return await self.post_envelope(collection, sign_envelope(signer, BATCH_TYPE, payload))
+
+    async def give_opinions(self, collection: str, opinions: Sequence[OpinionItem]) -> Submitted:
+        signer = self._member()
+        payload = opinion_payload(await self._header(collection), signer.name, tuple(opinions))
+        return await self.post_envelope(collection, sign_envelope(signer, OPINION_TYPE, payload))
+
+    async def lookup(
+        self,
+        queries: Sequence[tuple[str, str]],
+        *,
+        max_distance: int | None = None,
+        collections: Sequence[str] | None = None,
+    ) -> list[list[dict[str, Any]]]:
+        """Matches per query, in order (each a dict as in the wire format)."""
+        request: dict[str, Any] = {"queries": [{"type": t, "hash": h} for t, h in queries]}
+        if max_distance is not None:
+            request["max_distance"] = max_distance
+        if collections is not None:
+            request["collections"] = list(collections)
+        body = json.dumps(request, separators=(",", ":")).encode()
+        answer = await self._json("POST", "/v1/lookup", body=body)
+        return [result["matches"] for result in answer["results"]]
+
+    async def entries(
+        self, collection: str, start: int = 0, limit: int = 1000
+    ) -> tuple[list[tuple[int, Envelope]], int]:
+        answer = await self._json(
+            "GET", f"/v1/collections/{collection}/entries", params={"start": start, "limit": limit}
+        )
+        return [(e["index"], Envelope.from_json(e["envelope"])) for e in answer["entries"]], answer["next"]
+
+    async def stream_entries(self, collection: str, start: int = 0) -> AsyncIterator[tuple[int, Envelope]]:
+        """Every entry from ``start`` to the end of the log, as one NDJSON stream."""
+        response = await self._request(
+            "GET",
+            f"/v1/collections/{collection}/entries",
+            params={"start": start},
+            accept="application/x-ndjson",
+        )
+        async with response:
+            async for line in response.content:
+                if line.strip():
+                    item = json.loads(line)
+                    yield item["index"], Envelope.from_json(item["envelope"])
+
+    async def inclusion_proof(self, collection: str, index: int, size: int) -> list[bytes]:
+        answer = await self._json(
+            "GET",
+            f"/v1/collections/{collection}/proof/inclusion",
+            params={"index": index, "size": size},
+        )
+        return [base64.b64decode(h) for h in answer["hashes"]]
+
+    async def consistency_proof(self, collection: str, old: int, new: int) -> list[bytes]:
+        answer = await self._json(
+            "GET",
+            f"/v1/collections/{collection}/proof/consistency",
+            params={"old": old, "new": new},
+        )
+        return [base64.b64decode(h) for h in answer["hashes"]]
+
+
+async def _problem(response: aiohttp.ClientResponse) -> HubError:
+    async with response:
+        text = await response.text()
+    try:
+        problem = json.loads(text)
+        return HubError(response.status, str(problem.get("detail", text)), str(problem.get("type", "")))
+    except (ValueError, AttributeError):
+        return HubError(response.status, text[:500] or response.reason or "error")

@@ -1,0 +1,74 @@
+"""The aiohttp application: state shared by the handlers, startup and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from aiohttp import web
+
+from ..config import HubConfig
+from ..httpsig import ReplayGuard
+from ..node import Node
+from .problems import MAX_BODY, problem_middleware
+
+T = TypeVar("T")
+log = logging.getLogger("hashfed.hub")
+
+
+@dataclass
+class HubRuntime:
+    """Everything a handler needs, created once per application."""
+
+    node: Node
+    config: HubConfig
+    guard: ReplayGuard = field(default_factory=ReplayGuard)
+    writer: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="hashfed-writer")
+    )
+    readers: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=4, thread_name_prefix="hashfed-reader")
+    )
+    ready: bool = False
+
+    async def read(self, fn: Callable[[], T]) -> T:
+        """Run store reads and index searches off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.readers, fn)
+
+    async def write(self, fn: Callable[[], T]) -> T:
+        """Run appends one at a time, in arrival order, off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.writer, fn)
+
+
+RUNTIME = web.AppKey("runtime", HubRuntime)
+
+
+def create_app(node: Node, config: HubConfig) -> web.Application:
+    from .routes import add_routes
+
+    app = web.Application(middlewares=[problem_middleware], client_max_size=config.max_body_bytes)
+    runtime = HubRuntime(node, config)
+    app[RUNTIME] = runtime
+    app[MAX_BODY] = config.max_body_bytes
+    add_routes(app)
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        loader = asyncio.create_task(_load(runtime))
+        yield
+        loader.cancel()
+        runtime.writer.shutdown(wait=True)
+        runtime.readers.shutdown(wait=True)
+        node.store.close()
+
+    app.cleanup_ctx.append(lifecycle)
+    return app
+
+
+async def _load(runtime: HubRuntime) -> None:
+    await runtime.read(runtime.node.load)
+    runtime.ready = True
+    log.info("indexes loaded for %d collection(s); ready", len(runtime.node.collections()))

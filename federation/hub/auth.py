@@ -1,0 +1,78 @@
+"""Who is calling: RFC 9421 request signatures checked against the log's keys."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from ..httpsig import ReplayGuard, SignatureRefused, verify_request
+from ..keys import VerifierKey
+from ..node import Node
+from ..state import KeyRecord
+from .problems import Problem
+
+
+@dataclass(frozen=True)
+class Caller:
+    key_id: str
+    is_hub: bool
+    memberships: dict[str, KeyRecord] = field(default_factory=dict)
+    """Active key records of the caller's key, by collection."""
+
+    def may(self, collection: str, right: str) -> bool:
+        record = self.memberships.get(collection)
+        return self.is_hub or (record is not None and right in record.rights)
+
+    def is_member(self, collection: str) -> bool:
+        return self.is_hub or collection in self.memberships
+
+    def require(self, collection: str, right: str) -> None:
+        if not self.may(collection, right):
+            raise Problem(
+                403,
+                "missing-right",
+                f"key {self.key_id} lacks the {right!r} right on collection {collection}",
+            )
+
+
+def authenticate(
+    node: Node, guard: ReplayGuard, method: str, path: str, query: str, headers: object, body: bytes
+) -> Caller:
+    """Verify the request signature (synchronously; call from a worker thread)."""
+    memberships: dict[str, KeyRecord] = {}
+
+    def resolve(key_id: str) -> VerifierKey | None:
+        if key_id == node.hub_key.key_id:
+            return node.hub_key
+        for collection, record in node.store.key_memberships(key_id):
+            if record.active:
+                memberships[collection] = record
+        if memberships:
+            return next(iter(memberships.values())).key
+        return None
+
+    now = int(time.time())
+    try:
+        verified = verify_request(
+            method=method,
+            path=path,
+            query=query,
+            headers=headers,  # type: ignore[arg-type]
+            body=body,
+            resolve_key=resolve,
+            now=now,
+        )
+        guard.check_and_remember(verified.signature, now)
+    except SignatureRefused as exc:
+        raise Problem(
+            exc.status,
+            "bad-request-signature" if exc.status != 400 else "content-digest-mismatch",
+            exc.detail,
+        ) from exc
+    return Caller(verified.key_id, verified.key_id == node.hub_key.key_id, memberships)
+
+
+def raw_query(request: web.Request) -> str:
+    return request.rel_url.raw_query_string

@@ -1,0 +1,298 @@
+"""HTTP API v1 handlers (design §7). Each parses, authenticates, then calls the node."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+from aiohttp import web
+
+from .. import __version__
+from ..envelope import Envelope, EnvelopeError, strict_json
+from ..merkle import ProofError
+from ..node import Match, UnknownCollection
+from ..signals import (
+    PDQ_DEFAULT_MAX_DISTANCE,
+    PDQ_MAX_DISTANCE_LIMIT,
+    SIGNAL_TYPES,
+    SignalError,
+    SignalType,
+    signal_type,
+)
+from ..state import Refusal
+from .app import RUNTIME, HubRuntime
+from .auth import Caller, authenticate, raw_query
+from .problems import Problem
+
+ENTRIES_PAGE_CAP = 1000
+NDJSON = "application/x-ndjson"
+
+
+def _runtime(request: web.Request) -> HubRuntime:
+    return request.app[RUNTIME]
+
+
+async def _caller(request: web.Request, body: bytes = b"") -> Caller:
+    runtime = _runtime(request)
+    return await runtime.read(
+        lambda: authenticate(
+            runtime.node,
+            runtime.guard,
+            request.method,
+            request.raw_path.split("?", 1)[0],
+            raw_query(request),
+            request.headers,
+            body,
+        )
+    )
+
+
+async def _collection(request: web.Request) -> str:
+    runtime = _runtime(request)
+    collection = request.match_info["collection"]
+    try:
+        await runtime.read(lambda: runtime.node.require_collection(collection))
+    except UnknownCollection as exc:
+        raise Problem(404, "unknown-collection", str(exc)) from exc
+    return collection
+
+
+def _int_param(request: web.Request, name: str, default: int | None = None) -> int:
+    text = request.query.get(name)
+    if text is None:
+        if default is None:
+            raise Problem(400, "invalid-query", f"query parameter {name} is required")
+        return default
+    if not text.isdigit() or len(text) > 18:
+        raise Problem(
+            400,
+            "invalid-query",
+            f"query parameter {name} must be a non-negative integer, got {text!r}",
+        )
+    return int(text)
+
+
+def _json_body(body: bytes, what: str) -> Any:
+    try:
+        return strict_json(body, what)
+    except EnvelopeError as exc:
+        raise Problem(400, "malformed-json", str(exc)) from exc
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def ready(request: web.Request) -> web.Response:
+    if not _runtime(request).ready:
+        raise Problem(503, "not-ready", "the hub is still loading its indexes; retry shortly")
+    return web.json_response({"status": "ready"})
+
+
+async def hub_info(request: web.Request) -> web.Response:
+    runtime = _runtime(request)
+    node = runtime.node
+    collections = await runtime.read(node.collections)
+    return web.json_response(
+        {
+            "name": node.name,
+            "key": node.hub_key.encode(),
+            "federation": node.federation,
+            "collections": collections,
+            "signal_types": list(SIGNAL_TYPES),
+            "version": __version__,
+        }
+    )
+
+
+async def post_entry(request: web.Request) -> web.Response:
+    runtime = _runtime(request)
+    body = await request.read()
+    collection = await _collection(request)
+    caller = await _caller(request, body)
+    if not caller.is_member(collection):
+        raise Problem(403, "not-a-member", f"key {caller.key_id} is not a member of collection {collection}")
+    try:
+        envelope = Envelope.parse(body)
+    except EnvelopeError as exc:
+        kind = "unknown-payload-type" if "unknown payload type" in str(exc) else "invalid-envelope"
+        raise Problem(400, kind, str(exc)) from exc
+    try:
+        accepted = await runtime.write(lambda: runtime.node.submit(collection, envelope))
+    except Refusal as exc:
+        raise Problem(exc.status, exc.kind, exc.detail) from exc
+    return web.json_response(
+        {
+            "index": accepted.entry.index,
+            "leaf_hash": base64.b64encode(accepted.entry.leaf_hash).decode(),
+        },
+        status=201 if accepted.created else 200,
+    )
+
+
+def _entry_json(index: int, data: bytes) -> dict[str, Any]:
+    return {"index": index, "envelope": json.loads(data)}
+
+
+async def get_entries(request: web.Request) -> web.StreamResponse:
+    runtime = _runtime(request)
+    collection = await _collection(request)
+    caller = await _caller(request)
+    caller.require(collection, "read")
+    start = _int_param(request, "start", 0)
+    if NDJSON in request.headers.get("Accept", ""):
+        return await _stream_entries(request, runtime, collection, start, request.query.get("limit"))
+    limit = min(_int_param(request, "limit", ENTRIES_PAGE_CAP), ENTRIES_PAGE_CAP)
+    records = await runtime.read(lambda: runtime.node.store.entries(collection, start, limit))
+    following = records[-1].index + 1 if records else start
+    return web.json_response({"entries": [_entry_json(r.index, r.data) for r in records], "next": following})
+
+
+async def _stream_entries(
+    request: web.Request, runtime: HubRuntime, collection: str, start: int, limit_text: str | None
+) -> web.StreamResponse:
+    size = await runtime.read(lambda: runtime.node.store.log_size(collection))
+    end = size if limit_text is None else min(size, start + _int_param(request, "limit"))
+    response = web.StreamResponse(headers={"Content-Type": NDJSON})
+    await response.prepare(request)
+    position = start
+    while position < end:
+        chunk = min(ENTRIES_PAGE_CAP, end - position)
+        records = await runtime.read(
+            lambda p=position, n=chunk: runtime.node.store.entries(collection, p, n)  # type: ignore[misc]
+        )
+        if not records:
+            break
+        lines = b"".join(b'{"index":%d,"envelope":%s}\n' % (record.index, record.data) for record in records)
+        await response.write(lines)
+        position = records[-1].index + 1
+    await response.write_eof()
+    return response
+
+
+async def get_checkpoint(request: web.Request) -> web.Response:
+    runtime = _runtime(request)
+    collection = await _collection(request)
+    note = await runtime.read(lambda: runtime.node.checkpoint(collection))
+    return web.Response(text=note, content_type="text/plain", charset="utf-8")
+
+
+async def inclusion_proof(request: web.Request) -> web.Response:
+    runtime = _runtime(request)
+    collection = await _collection(request)
+    caller = await _caller(request)
+    caller.require(collection, "read")
+    index, size = _int_param(request, "index"), _int_param(request, "size")
+    try:
+        hashes = await runtime.read(lambda: runtime.node.inclusion_proof(collection, index, size))
+    except ProofError as exc:
+        raise Problem(400, "invalid-proof-request", str(exc)) from exc
+    return web.json_response({"hashes": [base64.b64encode(h).decode() for h in hashes]})
+
+
+async def consistency_proof(request: web.Request) -> web.Response:
+    runtime = _runtime(request)
+    collection = await _collection(request)
+    caller = await _caller(request)
+    caller.require(collection, "read")
+    old, new = _int_param(request, "old"), _int_param(request, "new")
+    try:
+        hashes = await runtime.read(lambda: runtime.node.consistency_proof(collection, old, new))
+    except ProofError as exc:
+        raise Problem(400, "invalid-proof-request", str(exc)) from exc
+    return web.json_response({"hashes": [base64.b64encode(h).decode() for h in hashes]})
+
+
+def _parse_lookup(obj: Any, max_queries: int) -> tuple[list[tuple[SignalType, str]], int, list[str] | None]:
+    if not isinstance(obj, dict):
+        raise Problem(400, "invalid-lookup", "lookup body must be a JSON object with a queries list")
+    unknown = sorted(set(obj) - {"queries", "max_distance", "collections"})
+    if unknown:
+        raise Problem(400, "invalid-lookup", f"lookup body has unknown field {unknown[0]!r}")
+    queries_value = obj.get("queries")
+    if not isinstance(queries_value, list):
+        raise Problem(400, "invalid-lookup", "lookup body needs queries: a list of {type, hash}")
+    if len(queries_value) > max_queries:
+        raise Problem(
+            400,
+            "too-many-queries",
+            f"lookup has {len(queries_value)} queries; at most {max_queries} are allowed per request, split it",
+        )
+    queries: list[tuple[SignalType, str]] = []
+    for position, query in enumerate(queries_value):
+        if not isinstance(query, dict) or set(query) != {"type", "hash"}:
+            raise Problem(
+                400,
+                "invalid-lookup",
+                f"queries[{position}] must be an object with exactly type and hash",
+            )
+        try:
+            signal = signal_type(query["type"])
+            queries.append((signal, signal.parse(query["hash"])))
+        except SignalError as exc:
+            raise Problem(400, "invalid-hash", f"queries[{position}]: {exc}") from exc
+    max_distance = obj.get("max_distance", PDQ_DEFAULT_MAX_DISTANCE)
+    if (
+        isinstance(max_distance, bool)
+        or not isinstance(max_distance, int)
+        or not 0 <= max_distance <= PDQ_MAX_DISTANCE_LIMIT
+    ):
+        raise Problem(
+            400,
+            "invalid-max-distance",
+            f"max_distance must be an integer from 0 to {PDQ_MAX_DISTANCE_LIMIT}, got {max_distance!r}",
+        )
+    collections = obj.get("collections")
+    if collections is not None and (
+        not isinstance(collections, list) or not all(isinstance(c, str) for c in collections)
+    ):
+        raise Problem(400, "invalid-lookup", "collections must be a list of collection names")
+    return queries, max_distance, collections
+
+
+def _match_json(match: Match) -> dict[str, Any]:
+    return {
+        "collection": match.collection,
+        "type": match.signal,
+        "hash": match.hash,
+        "distance": match.distance,
+        "submitters": list(match.submitters),
+        "labels": list(match.labels),
+        "first_index": match.first_index,
+        "opinions": {"positive": match.positive, "negative": match.negative},
+    }
+
+
+async def lookup(request: web.Request) -> web.Response:
+    runtime = _runtime(request)
+    body = await request.read()
+    caller = await _caller(request, body)
+    queries, max_distance, asked = _parse_lookup(_json_body(body, "lookup body"), runtime.config.max_queries)
+    existing = await runtime.read(runtime.node.collections)
+    if asked is None:
+        collections = [c for c in existing if caller.may(c, "read")]
+        if not collections:
+            raise Problem(403, "missing-right", f"key {caller.key_id} may read no collection on this hub")
+    else:
+        for name in asked:
+            if name not in existing:
+                raise Problem(404, "unknown-collection", f"no collection named {name!r} on this hub")
+            caller.require(name, "read")
+        collections = list(dict.fromkeys(asked))
+    results = await runtime.read(lambda: runtime.node.lookup(collections, queries, max_distance))
+    return web.json_response(
+        {"results": [{"matches": [_match_json(m) for m in matches]} for matches in results]}
+    )
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/v1/health", health)
+    app.router.add_get("/v1/ready", ready)
+    app.router.add_get("/v1/hub", hub_info)
+    app.router.add_post("/v1/collections/{collection}/entries", post_entry)
+    app.router.add_get("/v1/collections/{collection}/entries", get_entries)
+    app.router.add_get("/v1/collections/{collection}/checkpoint", get_checkpoint)
+    app.router.add_get("/v1/collections/{collection}/proof/inclusion", inclusion_proof)
+    app.router.add_get("/v1/collections/{collection}/proof/consistency", consistency_proof)
+    app.router.add_post("/v1/lookup", lookup)

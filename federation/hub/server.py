@@ -1,0 +1,37 @@
+"""Opening a data directory as a node, and serving it."""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import web
+
+from ..config import DataDir
+from ..node import Node
+from ..store.sqlite import SqliteStore
+from .app import create_app
+
+
+def open_node(data: DataDir) -> Node:
+    config = data.config()
+    signer = data.signer()
+    return Node(
+        SqliteStore(data.database),
+        name=config.name,
+        federation=config.federation,
+        hub_key=signer.verifier,
+        signer=signer,
+        limits=config.limits,
+    )
+
+
+def serve(data: DataDir, host: str | None = None, port: int | None = None) -> None:
+    config = data.config()
+    node = open_node(data)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    web.run_app(
+        create_app(node, config),
+        host=host or config.host,
+        port=port if port is not None else config.port,
+        print=lambda text: logging.getLogger("hashfed.hub").info(text.strip()),
+    )

@@ -1,0 +1,11 @@
+"""Search indexes over the hashes currently listed in a collection."""
+
+from federation.index.engines import (
+    ExactIndex,
+    FaissBinaryIndex,
+    Match,
+    SearchIndex,
+    new_index,
+)
+
+__all__ = ["ExactIndex", "FaissBinaryIndex", "Match", "SearchIndex", "new_index"]

@@ -1,0 +1,263 @@
+"""Search engines behind lookups (design §2, §4).
+
+An index holds the current hashes of one signal type in one collection and
+answers batched lookups. PDQ hashes go into a FAISS binary flat index searched
+by Hamming radius; MD5 and SHA-256 only ever match exactly, so a set suffices.
+
+Both engines are called from worker threads, never from the event loop. Each
+holds a lock so a search never sees a half-applied add or remove.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Protocol
+
+import faiss
+import numpy as np
+import numpy.typing as npt
+
+from federation.signals import PDQ, SignalError, SignalType
+
+Codes = npt.NDArray[np.uint8]
+Match = tuple[str, int]
+
+COMPACT_MIN_DELETED = 1024
+"""Deleted ids tolerated before a compaction is even considered."""
+
+_INITIAL_CAPACITY = 64
+
+
+class SearchIndex(Protocol):
+    signal: SignalType
+
+    def add(self, hashes: Sequence[str]) -> None:
+        """Add normalised hex hashes; a hash already present is ignored."""
+        ...
+
+    def remove(self, hashes: Sequence[str]) -> None:
+        """Remove hashes; a hash not present is ignored."""
+        ...
+
+    def search(self, queries: Sequence[str], max_distance: int) -> list[list[Match]]:
+        """One list per query, in order, of (hash, distance) sorted by (distance, hash).
+
+        Every present hash within ``max_distance`` (inclusive) is returned. Exact
+        signal types ignore ``max_distance`` and match identical hashes only.
+        """
+        ...
+
+    def __len__(self) -> int: ...
+
+    def __contains__(self, hash_hex: object) -> bool: ...
+
+
+def new_index(signal: SignalType) -> SearchIndex:
+    """The engine suited to a signal type: FAISS for perceptual, a set for exact."""
+    if signal.exact:
+        return ExactIndex(signal)
+    return FaissBinaryIndex(signal)
+
+
+def _decode(signal: SignalType, hashes: Sequence[str]) -> bytes:
+    """Concatenated raw bytes of a batch of hex hashes, decoded in one call.
+
+    Lengths are checked first so that one malformed hash cannot shift the
+    others; the total is checked after because ``bytes.fromhex`` skips spaces.
+    """
+    for text in hashes:
+        if not isinstance(text, str) or len(text) != signal.hex_length:
+            raise SignalError(f"{signal.name} hash must be {signal.hex_length} hex digits: {text!r}")
+    try:
+        raw = bytes.fromhex("".join(hashes))
+    except ValueError as exc:
+        raise SignalError(f"{signal.name} hashes must be hex digits") from exc
+    if len(raw) != len(hashes) * signal.byte_length:
+        raise SignalError(f"{signal.name} hashes must be hex digits without spaces")
+    return raw
+
+
+def _key(signal: SignalType, hash_hex: object) -> bytes | None:
+    """Raw bytes of one hash, or None when it is not a valid hash of this type."""
+    try:
+        return bytes.fromhex(signal.parse(hash_hex))
+    except SignalError:
+        return None
+
+
+def _check_max_distance(signal: SignalType, max_distance: int) -> None:
+    if (
+        isinstance(max_distance, bool)
+        or not isinstance(max_distance, int)
+        or not 0 <= max_distance <= signal.bits
+    ):
+        raise ValueError(f"max_distance must be an integer from 0 to {signal.bits}")
+
+
+class FaissBinaryIndex:
+    """Hamming-radius search over fixed-width binary codes (PDQ).
+
+    FAISS assigns ids sequentially and ``IndexBinaryFlat`` cannot drop a code
+    cheaply, so removal only sets a bit in a deletion bitmap that searches
+    filter on. Once deleted ids outnumber live ones (and at least
+    ``compact_min`` are deleted), the index is rebuilt from the live codes.
+    A copy of every stored code is kept beside FAISS to rebuild from and to
+    turn ids back into hex.
+    """
+
+    def __init__(self, signal: SignalType = PDQ, *, compact_min: int = COMPACT_MIN_DELETED) -> None:
+        if signal.exact or signal.bits % 8:
+            raise ValueError(f"{signal.name} is not a binary perceptual signal type")
+        if compact_min < 0:
+            raise ValueError("compact_min must not be negative")
+        self.signal = signal
+        self._compact_min = compact_min
+        self._lock = threading.Lock()
+        self._width = signal.byte_length
+        self._faiss = faiss.IndexBinaryFlat(signal.bits)
+        self._codes: Codes = np.zeros((_INITIAL_CAPACITY, self._width), dtype=np.uint8)
+        self._deleted = np.zeros(_INITIAL_CAPACITY, dtype=np.bool_)
+        self._stored = 0
+        self._ids: dict[bytes, int] = {}
+
+    @property
+    def stored(self) -> int:
+        """Ids in use, deleted ones included; it drops back on compaction."""
+        return self._stored
+
+    def add(self, hashes: Sequence[str]) -> None:
+        raw = _decode(self.signal, hashes)
+        width = self._width
+        with self._lock:
+            fresh: dict[bytes, int] = {}
+            for row in range(len(hashes)):
+                key = raw[row * width : (row + 1) * width]
+                if key not in self._ids and key not in fresh:
+                    fresh[key] = row
+            if not fresh:
+                return
+            batch = np.frombuffer(raw, dtype=np.uint8).reshape(-1, width)
+            new_codes = batch[np.fromiter(fresh.values(), dtype=np.int64, count=len(fresh))]
+            start = self._stored
+            end = start + len(fresh)
+            self._reserve(end)
+            self._codes[start:end] = new_codes
+            self._deleted[start:end] = False
+            self._faiss.add(new_codes)
+            self._ids.update(zip(fresh, range(start, end), strict=True))
+            self._stored = end
+
+    def remove(self, hashes: Sequence[str]) -> None:
+        raw = _decode(self.signal, hashes)
+        width = self._width
+        with self._lock:
+            for row in range(len(hashes)):
+                internal = self._ids.pop(raw[row * width : (row + 1) * width], None)
+                if internal is not None:
+                    self._deleted[internal] = True
+            deleted = self._stored - len(self._ids)
+            if deleted >= max(self._compact_min, 1) and 2 * deleted > self._stored:
+                self._compact()
+
+    def search(self, queries: Sequence[str], max_distance: int) -> list[list[Match]]:
+        _check_max_distance(self.signal, max_distance)
+        raw = _decode(self.signal, queries)
+        if not queries:
+            return []
+        batch = np.frombuffer(raw, dtype=np.uint8).reshape(-1, self._width)
+        with self._lock:
+            if not self._ids:
+                return [[] for _ in queries]
+            # FAISS keeps a binary hit only when distance < radius (strict; checked
+            # empirically against faiss-cpu 1.15), so ask for one more bit.
+            lims, distances, labels = self._faiss.range_search(batch, max_distance + 1)
+            live = ~self._deleted[labels]
+            found = self._codes[labels[live]]
+        kept = np.concatenate(([0], np.cumsum(live))).astype(np.int64)[lims.astype(np.int64)]
+        hits = [code.tobytes().hex() for code in found]
+        dists = distances[live].astype(np.int64).tolist()
+        results: list[list[Match]] = []
+        for query in range(len(queries)):
+            lo, hi = int(kept[query]), int(kept[query + 1])
+            matches = list(zip(hits[lo:hi], dists[lo:hi], strict=True))
+            matches.sort(key=lambda match: (match[1], match[0]))
+            results.append(matches)
+        return results
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __contains__(self, hash_hex: object) -> bool:
+        key = _key(self.signal, hash_hex)
+        return key is not None and key in self._ids
+
+    def _reserve(self, size: int) -> None:
+        """Grow the code and bitmap arrays geometrically so adds stay amortised O(1)."""
+        capacity = len(self._codes)
+        if size <= capacity:
+            return
+        while capacity < size:
+            capacity *= 2
+        codes: Codes = np.zeros((capacity, self._width), dtype=np.uint8)
+        codes[: self._stored] = self._codes[: self._stored]
+        deleted = np.zeros(capacity, dtype=np.bool_)
+        deleted[: self._stored] = self._deleted[: self._stored]
+        self._codes, self._deleted = codes, deleted
+
+    def _compact(self) -> None:
+        """Rebuild FAISS from the live codes and renumber ids (lock held)."""
+        live = np.flatnonzero(~self._deleted[: self._stored])
+        renumber = np.full(self._stored, -1, dtype=np.int64)
+        renumber[live] = np.arange(len(live), dtype=np.int64)
+        capacity = max(_INITIAL_CAPACITY, 2 * len(live))
+        codes: Codes = np.zeros((capacity, self._width), dtype=np.uint8)
+        codes[: len(live)] = self._codes[live]
+        rebuilt = faiss.IndexBinaryFlat(self.signal.bits)
+        if len(live):
+            rebuilt.add(codes[: len(live)])
+        keys = list(self._ids)
+        old = np.fromiter(self._ids.values(), dtype=np.int64, count=len(keys))
+        self._ids = dict(zip(keys, renumber[old].tolist(), strict=True))
+        self._faiss = rebuilt
+        self._codes = codes
+        self._deleted = np.zeros(capacity, dtype=np.bool_)
+        self._stored = len(live)
+
+
+class ExactIndex:
+    """Identity matching for cryptographic hashes (MD5, SHA-256)."""
+
+    def __init__(self, signal: SignalType) -> None:
+        if not signal.exact:
+            raise ValueError(f"{signal.name} is not an exact-match signal type")
+        self.signal = signal
+        self._lock = threading.Lock()
+        self._present: set[bytes] = set()
+
+    def add(self, hashes: Sequence[str]) -> None:
+        keys = self._keys(hashes)
+        with self._lock:
+            self._present.update(keys)
+
+    def remove(self, hashes: Sequence[str]) -> None:
+        keys = self._keys(hashes)
+        with self._lock:
+            self._present.difference_update(keys)
+
+    def search(self, queries: Sequence[str], max_distance: int) -> list[list[Match]]:
+        keys = self._keys(queries)
+        with self._lock:
+            return [[(key.hex(), 0)] if key in self._present else [] for key in keys]
+
+    def __len__(self) -> int:
+        return len(self._present)
+
+    def __contains__(self, hash_hex: object) -> bool:
+        key = _key(self.signal, hash_hex)
+        return key is not None and key in self._present
+
+    def _keys(self, hashes: Sequence[str]) -> list[bytes]:
+        raw = _decode(self.signal, hashes)
+        width = self.signal.byte_length
+        return [raw[row * width : (row + 1) * width] for row in range(len(hashes))]

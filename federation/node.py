@@ -1,0 +1,223 @@
+"""The hub's synchronous core: verify, append, apply, index, answer.
+
+A :class:`Node` ties a store, the projection rules of :mod:`federation.state`
+and the search indexes together. It does no I/O of its own beyond the store,
+so the HTTP layer calls it from worker threads and tests call it directly.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from . import merkle
+from .checkpoint import Checkpoint
+from .envelope import (
+    MEMBERSHIP_TYPE,
+    Envelope,
+    EnvelopeError,
+    Grant,
+    Header,
+    Limits,
+    membership_payload,
+    parse_payload,
+    sign_envelope,
+    utc_now,
+)
+from .index.live import IndexCatalog
+from .keys import SignerKey, VerifierKey
+from .signals import SignalType
+from .state import LogContext, Refusal, apply_entry, check_entry
+from .store.base import EntryRecord, HubStore
+
+
+class UnknownCollection(LookupError):
+    def __init__(self, collection: str) -> None:
+        super().__init__(f"no collection named {collection!r} on this hub")
+        self.collection = collection
+
+
+@dataclass(frozen=True)
+class Accepted:
+    entry: EntryRecord
+    created: bool
+    """False when the exact same envelope was already in the log."""
+
+
+@dataclass(frozen=True)
+class Match:
+    collection: str
+    signal: str
+    hash: str
+    distance: int
+    submitters: tuple[str, ...]
+    labels: tuple[str, ...]
+    first_index: int
+    positive: int
+    negative: int
+
+
+class Node:
+    def __init__(
+        self,
+        store: HubStore,
+        *,
+        name: str,
+        federation: str,
+        hub_key: VerifierKey,
+        signer: SignerKey | None = None,
+        limits: Limits | None = None,
+    ) -> None:
+        self.store = store
+        self.name = name
+        self.federation = federation
+        self.hub_key = hub_key
+        self.signer = signer
+        self.limits = limits or Limits()
+        self.indexes = IndexCatalog(store)
+        self._checkpoints: dict[str, tuple[int, str]] = {}
+        self._checkpoint_lock = threading.Lock()
+
+    # ---- collections ----------------------------------------------------
+
+    def collections(self) -> list[str]:
+        return self.store.collections()
+
+    def require_collection(self, collection: str) -> None:
+        if collection not in self.store.collections():
+            raise UnknownCollection(collection)
+
+    def context(self, collection: str) -> LogContext:
+        return LogContext(self.federation, collection, self.hub_key)
+
+    def load(self) -> None:
+        """Build every collection's indexes (startup; ``/v1/ready`` waits for this)."""
+        for collection in self.store.collections():
+            self.indexes.catch_up(collection)
+
+    # ---- the write path -------------------------------------------------
+
+    def submit(self, collection: str, envelope: Envelope) -> Accepted:
+        """Verify an envelope, append it and apply it in one transaction, then index it."""
+        self.require_collection(collection)
+        try:
+            payload = parse_payload(envelope.payload_type, envelope.payload, self.limits)
+        except EnvelopeError as exc:
+            raise Refusal(400, "invalid-payload", str(exc)) from exc
+        data = envelope.canonical()
+        existing = self.store.entry_by_leaf(collection, merkle.leaf_hash(data))
+        if existing is not None:
+            return Accepted(existing, created=False)
+        try:
+            with self.store.write(collection) as txn:
+                signer = check_entry(envelope, payload, self.context(collection), txn)
+                entry = txn.append(data)
+                apply_entry(entry.index, signer, payload, txn)
+        except Refusal:
+            # The same envelope may have landed concurrently (from another
+            # process): then its own seq refuses it, and the answer is the
+            # original entry, as for any exact resubmission.
+            existing = self.store.entry_by_leaf(collection, merkle.leaf_hash(data))
+            if existing is not None:
+                return Accepted(existing, created=False)
+            raise
+        self.indexes.catch_up(collection)
+        return Accepted(entry, created=True)
+
+    def create_collection(self, collection: str, grants: Sequence[Grant] = ()) -> Accepted:
+        """Create a collection with its first entry: a membership entry signed by the hub."""
+        self.store.create_collection(collection)
+        return self.change_membership(collection, grants, ())
+
+    def change_membership(self, collection: str, grant: Sequence[Grant], revoke: Sequence[str]) -> Accepted:
+        if self.signer is None:
+            raise RuntimeError("this node has no hub signer key; membership entries need one")
+        with self.store.write(collection) as txn:
+            seq = max(txn.last_seq(self.signer.key_id) + 1, time.time_ns() // 1000)
+        header = Header(self.federation, collection, seq, utc_now())
+        payload = membership_payload(header, tuple(grant), tuple(revoke))
+        return self.submit(collection, sign_envelope(self.signer, MEMBERSHIP_TYPE, payload))
+
+    # ---- the read path --------------------------------------------------
+
+    def checkpoint(self, collection: str) -> str:
+        """The latest signed checkpoint, re-signed only when the log has grown."""
+        if self.signer is None:
+            raise RuntimeError("this node has no hub signer key; it cannot sign checkpoints")
+        size = self.store.log_size(collection)
+        with self._checkpoint_lock:
+            cached = self._checkpoints.get(collection)
+            if cached and cached[0] == size:
+                return cached[1]
+            root = merkle.root(_Reader(self.store, collection), size)
+            note = Checkpoint(f"{self.name}/{collection}", size, root).sign(self.signer)
+            self._checkpoints[collection] = (size, note)
+            return note
+
+    def inclusion_proof(self, collection: str, index: int, size: int) -> list[bytes]:
+        self._check_size(collection, size)
+        return merkle.inclusion_proof(_Reader(self.store, collection), index, size)
+
+    def consistency_proof(self, collection: str, old: int, new: int) -> list[bytes]:
+        self._check_size(collection, new)
+        return merkle.consistency_proof(_Reader(self.store, collection), old, new)
+
+    def _check_size(self, collection: str, size: int) -> None:
+        current = self.store.log_size(collection)
+        if size > current:
+            raise merkle.ProofError(f"size {size} is larger than the log ({current} entries)")
+
+    def lookup(
+        self,
+        collections: Sequence[str],
+        queries: Sequence[tuple[SignalType, str]],
+        max_distance: int,
+    ) -> list[list[Match]]:
+        """One list of matches per query, sorted by distance, over the given collections."""
+        results: list[list[Match]] = [[] for _ in queries]
+        by_signal: dict[str, list[int]] = {}
+        for position, (signal, _) in enumerate(queries):
+            by_signal.setdefault(signal.name, []).append(position)
+        signals = {signal.name: signal for signal, _ in queries}
+        for collection in collections:
+            for name, positions in by_signal.items():
+                signal = signals[name]
+                hits = self.indexes.search(
+                    collection, signal, [queries[p][1] for p in positions], max_distance
+                )
+                found = {hash_hex for per_query in hits for hash_hex, _ in per_query}
+                details = self.store.details(collection, name, sorted(found))
+                for position, per_query in zip(positions, hits, strict=True):
+                    for hash_hex, distance in per_query:
+                        detail = details.get(hash_hex)
+                        if detail is None:  # removed after the index answered
+                            continue
+                        results[position].append(
+                            Match(
+                                collection,
+                                name,
+                                hash_hex,
+                                distance,
+                                detail.submitters,
+                                detail.labels,
+                                detail.first_index,
+                                detail.positive,
+                                detail.negative,
+                            )
+                        )
+        for matches in results:
+            matches.sort(key=lambda m: (m.distance, m.collection, m.hash))
+        return results
+
+
+class _Reader:
+    """Adapts a store to :class:`federation.merkle.HashReader` for one collection."""
+
+    def __init__(self, store: HubStore, collection: str) -> None:
+        self._store = store
+        self._collection = collection
+
+    def read_hashes(self, keys: Sequence[merkle.HashKey]) -> list[bytes]:
+        return self._store.read_hashes(self._collection, keys)

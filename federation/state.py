@@ -1,0 +1,249 @@
+"""The projection of a log, and the one function that applies an entry to it.
+
+Everything a hub (or a mirror) knows beyond the log itself is derived here:
+members and their keys and rights, each signer's last ``seq``, which member
+lists which hash with which labels, and opinions. :func:`check_entry` decides
+whether an envelope may be appended (raising :class:`Refusal` otherwise), and
+:func:`apply_entry` records its effect. Ingest, restart replay and sync all
+call these two functions, against whatever storage implements
+:class:`Projection`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from .envelope import (
+    BatchPayload,
+    Envelope,
+    MembershipPayload,
+    OpinionPayload,
+    Payload,
+)
+from .keys import VerifierKey
+
+
+class Refusal(Exception):
+    """An entry that may not be appended. ``status`` and ``kind`` shape the HTTP problem."""
+
+    def __init__(self, status: int, kind: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.kind = kind
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    key: VerifierKey
+    rights: frozenset[str]
+    granted_index: int
+    revoked_index: int | None = None
+
+    @property
+    def member(self) -> str:
+        return self.key.name
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_index is None
+
+
+@dataclass(frozen=True)
+class LogContext:
+    """What a log is bound to: a federation, a collection and the hub that signs membership."""
+
+    federation: str
+    collection: str
+    hub_key: VerifierKey
+
+
+@dataclass(frozen=True)
+class ListingChange:
+    """A hash entering (``listed``) or leaving the set of listed hashes at a log index."""
+
+    index: int
+    signal: str
+    hash: str
+    listed: bool
+
+
+class Projection(Protocol):
+    """Reads and writes of one collection's projection, inside one transaction."""
+
+    def log_size(self) -> int: ...
+    def key_record(self, key_id: str) -> KeyRecord | None: ...
+    def last_seq(self, key_id: str) -> int: ...
+    def lists(self, signal: str, hash_hex: str, member: str) -> bool: ...
+    def listers(self, signal: str, hash_hex: str) -> int: ...
+
+    def put_key(self, record: KeyRecord) -> None: ...
+    def set_last_seq(self, key_id: str, seq: int) -> None: ...
+    def put_listing(
+        self,
+        signal: str,
+        hash_hex: str,
+        member: str,
+        labels: Sequence[str],
+        quality: int | None,
+        index: int,
+    ) -> None: ...
+    def delete_listing(self, signal: str, hash_hex: str, member: str) -> None: ...
+    def put_opinion(
+        self, signal: str, hash_hex: str, member: str, verdict: str, note: str | None, index: int
+    ) -> None: ...
+    def delete_opinion(self, signal: str, hash_hex: str, member: str) -> None: ...
+    def record_change(self, change: ListingChange) -> None: ...
+
+
+def signer_of(envelope: Envelope, payload: Payload, context: LogContext, view: Projection) -> str:
+    """Check the envelope's signature and authority; return the signer's key id."""
+    key_id = envelope.signer_key_id
+    if isinstance(payload, MembershipPayload):
+        if key_id != context.hub_key.key_id:
+            raise Refusal(
+                403,
+                "not-hub-key",
+                f"membership entries must be signed by the hub key {context.hub_key.key_id}, not {key_id}",
+            )
+        if not envelope.verify(context.hub_key):
+            raise Refusal(
+                400, "bad-envelope-signature", f"the envelope signature by {key_id} does not verify"
+            )
+        return key_id
+    if view.log_size() == 0:
+        raise Refusal(
+            409,
+            "no-membership-yet",
+            f"collection {context.collection} has no membership entry yet: its first entry must grant members",
+        )
+    record = view.key_record(key_id)
+    if record is None:
+        raise Refusal(
+            403,
+            "unknown-key",
+            f"key {key_id} is not a member key of collection {context.collection}",
+        )
+    if not record.active:
+        raise Refusal(403, "revoked-key", f"key {key_id} was revoked at log index {record.revoked_index}")
+    if not envelope.verify(record.key):
+        raise Refusal(400, "bad-envelope-signature", f"the envelope signature by {key_id} does not verify")
+    needed = "write" if isinstance(payload, BatchPayload) else "read"
+    if needed not in record.rights:
+        raise Refusal(
+            403,
+            "missing-right",
+            f"key {key_id} lacks the {needed!r} right on collection {context.collection}",
+        )
+    if payload.member != record.member:
+        raise Refusal(
+            403,
+            "wrong-member",
+            f"payload member {payload.member!r} is not the signer's member {record.member!r}",
+        )
+    return key_id
+
+
+def check_entry(envelope: Envelope, payload: Payload, context: LogContext, view: Projection) -> str:
+    """Decide whether the entry may be appended next; return its signer's key id."""
+    header = payload.header
+    if header.federation != context.federation:
+        raise Refusal(
+            400,
+            "wrong-federation",
+            f"payload federation {header.federation!r} is not this hub's federation {context.federation!r}",
+        )
+    if header.collection != context.collection:
+        raise Refusal(
+            400,
+            "wrong-collection",
+            f"payload collection {header.collection!r} does not match the collection posted to, {context.collection!r}",
+        )
+    if view.log_size() == 0 and not isinstance(payload, MembershipPayload):
+        raise Refusal(
+            409,
+            "no-membership-yet",
+            f"collection {context.collection}'s first entry must be a membership entry",
+        )
+    key_id = signer_of(envelope, payload, context, view)
+    last = view.last_seq(key_id)
+    if header.seq <= last:
+        raise Refusal(
+            409,
+            "stale-seq",
+            f"seq {header.seq} is not greater than {last}, the last seq accepted from {key_id}; sign a new envelope with a higher seq",
+        )
+    if isinstance(payload, BatchPayload):
+        for removal in payload.remove:
+            if not view.lists(removal.signal, removal.hash, payload.member):
+                raise Refusal(
+                    422,
+                    "not-listed",
+                    f"member {payload.member} does not list {removal.signal} hash {removal.hash}, so it cannot remove it; the batch was refused whole",
+                )
+    if isinstance(payload, MembershipPayload):
+        for grant in payload.grant:
+            record = view.key_record(grant.key.key_id)
+            if record is not None and not record.active:
+                raise Refusal(
+                    409,
+                    "key-revoked",
+                    f"key {grant.key.key_id} was revoked at index {record.revoked_index}; a revoked key cannot be granted again, make a new one",
+                )
+        for key_id_to_revoke in payload.revoke:
+            record = view.key_record(key_id_to_revoke)
+            if record is None or not record.active:
+                raise Refusal(
+                    409,
+                    "no-such-key",
+                    f"key {key_id_to_revoke} is not an active key of collection {context.collection}",
+                )
+    return key_id
+
+
+def apply_entry(index: int, signer: str, payload: Payload, view: Projection) -> list[ListingChange]:
+    """Record the effect of an accepted entry at log ``index``; return the listing changes."""
+    view.set_last_seq(signer, payload.header.seq)
+    changes: list[ListingChange] = []
+    if isinstance(payload, MembershipPayload):
+        for grant in payload.grant:
+            view.put_key(KeyRecord(grant.key, grant.rights, index))
+        for key_id in payload.revoke:
+            old = view.key_record(key_id)
+            if old is not None:
+                view.put_key(KeyRecord(old.key, old.rights, old.granted_index, index))
+    elif isinstance(payload, BatchPayload):
+        for addition in payload.add:
+            newly_listed = view.listers(addition.signal, addition.hash) == 0
+            view.put_listing(
+                addition.signal,
+                addition.hash,
+                payload.member,
+                addition.labels,
+                addition.quality,
+                index,
+            )
+            if newly_listed:
+                changes.append(ListingChange(index, addition.signal, addition.hash, True))
+        for removal in payload.remove:
+            view.delete_listing(removal.signal, removal.hash, payload.member)
+            if view.listers(removal.signal, removal.hash) == 0:
+                changes.append(ListingChange(index, removal.signal, removal.hash, False))
+    elif isinstance(payload, OpinionPayload):
+        for opinion in payload.opinions:
+            if opinion.verdict == "withdrawn":
+                view.delete_opinion(opinion.signal, opinion.hash, payload.member)
+            else:
+                view.put_opinion(
+                    opinion.signal,
+                    opinion.hash,
+                    payload.member,
+                    opinion.verdict,
+                    opinion.note,
+                    index,
+                )
+    for change in changes:
+        view.record_change(change)
+    return changes

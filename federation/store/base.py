@@ -1,0 +1,62 @@
+"""The narrow storage interface the hub and mirrors are written against.
+
+A store holds, per collection, the log entries, the stored Merkle subtree
+hashes (see :mod:`federation.merkle`) and the projection of
+:mod:`federation.state`. All writes for one entry happen in one
+:class:`CollectionTxn`, so after a crash either all of an entry is there or
+none of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Protocol
+
+from ..merkle import HashKey
+from ..state import KeyRecord, ListingChange, Projection
+
+
+class StoreError(Exception):
+    """A storage failure or a request the store cannot satisfy."""
+
+
+@dataclass(frozen=True)
+class EntryRecord:
+    index: int
+    leaf_hash: bytes
+    data: bytes
+
+
+@dataclass(frozen=True)
+class ListingDetail:
+    submitters: tuple[str, ...]
+    labels: tuple[str, ...]
+    first_index: int
+    positive: int
+    negative: int
+
+
+class CollectionTxn(Projection, Protocol):
+    """One write transaction on one collection: append to its log and update its projection."""
+
+    def append(self, data: bytes) -> EntryRecord: ...
+    def read_hashes(self, keys: Sequence[HashKey]) -> list[bytes]: ...
+
+
+class HubStore(Protocol):
+    def collections(self) -> list[str]: ...
+    def create_collection(self, name: str) -> None: ...
+    def write(self, collection: str) -> AbstractContextManager[CollectionTxn]: ...
+
+    def log_size(self, collection: str) -> int: ...
+    def read_hashes(self, collection: str, keys: Sequence[HashKey]) -> list[bytes]: ...
+    def entries(self, collection: str, start: int, limit: int) -> list[EntryRecord]: ...
+    def entry_by_leaf(self, collection: str, leaf_hash: bytes) -> EntryRecord | None: ...
+    def keys(self, collection: str) -> list[KeyRecord]: ...
+    def key_memberships(self, key_id: str) -> list[tuple[str, KeyRecord]]: ...
+    def changes_since(self, collection: str, position: int) -> tuple[list[ListingChange], int]: ...
+    def listed(self, collection: str) -> tuple[list[tuple[str, str]], int]: ...
+    def details(self, collection: str, signal: str, hashes: Sequence[str]) -> dict[str, ListingDetail]: ...
+    def close(self) -> None: ...

@@ -1,0 +1,391 @@
+"""SQLite storage (WAL): the embedded default.
+
+Each thread gets its own connection. Writes take ``BEGIN IMMEDIATE`` so the
+hub and a CLI command writing to the same file (``hashfed member grant``
+while the hub serves) are serialised by SQLite itself, and commit with
+``synchronous=FULL`` so an acknowledged entry survives a crash or power loss.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from ..keys import VerifierKey
+from ..merkle import HashKey, append_keys, hashes_to_store, leaf_hash
+from ..state import KeyRecord, ListingChange
+from .base import EntryRecord, ListingDetail, StoreError
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS collections (
+    name TEXT PRIMARY KEY,
+    size INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS entries (
+    collection TEXT NOT NULL, idx INTEGER NOT NULL, leaf_hash BLOB NOT NULL, data BLOB NOT NULL,
+    PRIMARY KEY (collection, idx)
+) WITHOUT ROWID;
+CREATE UNIQUE INDEX IF NOT EXISTS entries_by_leaf ON entries (collection, leaf_hash);
+CREATE TABLE IF NOT EXISTS tree (
+    collection TEXT NOT NULL, level INTEGER NOT NULL, idx INTEGER NOT NULL, hash BLOB NOT NULL,
+    PRIMARY KEY (collection, level, idx)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS keys (
+    collection TEXT NOT NULL, key_id TEXT NOT NULL, key TEXT NOT NULL, rights TEXT NOT NULL,
+    granted INTEGER NOT NULL, revoked INTEGER,
+    PRIMARY KEY (collection, key_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS keys_by_id ON keys (key_id);
+CREATE TABLE IF NOT EXISTS seqs (
+    collection TEXT NOT NULL, key_id TEXT NOT NULL, seq INTEGER NOT NULL,
+    PRIMARY KEY (collection, key_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS listings (
+    collection TEXT NOT NULL, type TEXT NOT NULL, hash TEXT NOT NULL, member TEXT NOT NULL,
+    labels TEXT NOT NULL, quality INTEGER, since INTEGER NOT NULL,
+    PRIMARY KEY (collection, type, hash, member)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS opinions (
+    collection TEXT NOT NULL, type TEXT NOT NULL, hash TEXT NOT NULL, member TEXT NOT NULL,
+    verdict TEXT NOT NULL, note TEXT, idx INTEGER NOT NULL,
+    PRIMARY KEY (collection, type, hash, member)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS changes (
+    collection TEXT NOT NULL, idx INTEGER NOT NULL, ordinal INTEGER NOT NULL,
+    type TEXT NOT NULL, hash TEXT NOT NULL, listed INTEGER NOT NULL,
+    PRIMARY KEY (collection, idx, ordinal)
+) WITHOUT ROWID;
+"""
+
+
+def _read_tree(conn: sqlite3.Connection, collection: str, keys: Sequence[HashKey]) -> list[bytes]:
+    """One query for a batch of stored subtree hashes."""
+    found: dict[HashKey, bytes] = {}
+    unique = list(dict.fromkeys(keys))
+    for start in range(0, len(unique), 300):
+        chunk = unique[start : start + 300]
+        clause = " OR ".join("(level = ? AND idx = ?)" for _ in chunk)
+        params: list[object] = [collection]
+        for level, index in chunk:
+            params.extend((level, index))
+        for level, index, value in conn.execute(
+            f"SELECT level, idx, hash FROM tree WHERE collection = ? AND ({clause})", params
+        ):
+            found[(level, index)] = value
+    try:
+        return [found[key] for key in keys]
+    except KeyError as exc:
+        raise StoreError(f"collection {collection}: stored tree hash {exc.args[0]} is missing") from exc
+
+
+def _key_record(row: tuple[str, str, int, int | None]) -> KeyRecord:
+    key_text, rights, granted, revoked = row
+    return KeyRecord(VerifierKey.parse(key_text), frozenset(json.loads(rights)), granted, revoked)
+
+
+class SqliteTxn:
+    """A write transaction on one collection (implements ``CollectionTxn``)."""
+
+    def __init__(self, conn: sqlite3.Connection, collection: str, size: int) -> None:
+        self._conn = conn
+        self._collection = collection
+        self._size = size
+        self._ordinal = 0
+
+    def log_size(self) -> int:
+        return self._size
+
+    def read_hashes(self, keys: Sequence[HashKey]) -> list[bytes]:
+        return _read_tree(self._conn, self._collection, keys)
+
+    def append(self, data: bytes) -> EntryRecord:
+        index = self._size
+        leaf = leaf_hash(data)
+        siblings = self.read_hashes(append_keys(index))
+        self._conn.executemany(
+            "INSERT INTO tree (collection, level, idx, hash) VALUES (?, ?, ?, ?)",
+            [(self._collection, level, i, h) for (level, i), h in hashes_to_store(index, leaf, siblings)],
+        )
+        self._conn.execute(
+            "INSERT INTO entries (collection, idx, leaf_hash, data) VALUES (?, ?, ?, ?)",
+            (self._collection, index, leaf, data),
+        )
+        self._size += 1
+        self._ordinal = 0
+        self._conn.execute("UPDATE collections SET size = ? WHERE name = ?", (self._size, self._collection))
+        return EntryRecord(index, leaf, data)
+
+    def key_record(self, key_id: str) -> KeyRecord | None:
+        row = self._conn.execute(
+            "SELECT key, rights, granted, revoked FROM keys WHERE collection = ? AND key_id = ?",
+            (self._collection, key_id),
+        ).fetchone()
+        return _key_record(row) if row else None
+
+    def last_seq(self, key_id: str) -> int:
+        row = self._conn.execute(
+            "SELECT seq FROM seqs WHERE collection = ? AND key_id = ?", (self._collection, key_id)
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    def lists(self, signal: str, hash_hex: str, member: str) -> bool:
+        row = self._conn.execute(
+            "SELECT 1 FROM listings WHERE collection = ? AND type = ? AND hash = ? AND member = ?",
+            (self._collection, signal, hash_hex, member),
+        ).fetchone()
+        return row is not None
+
+    def listers(self, signal: str, hash_hex: str) -> int:
+        row = self._conn.execute(
+            "SELECT count(*) FROM listings WHERE collection = ? AND type = ? AND hash = ?",
+            (self._collection, signal, hash_hex),
+        ).fetchone()
+        return int(row[0])
+
+    def put_key(self, record: KeyRecord) -> None:
+        self._conn.execute(
+            "INSERT INTO keys (collection, key_id, key, rights, granted, revoked) VALUES (?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (collection, key_id) DO UPDATE SET rights = excluded.rights, revoked = excluded.revoked",
+            (
+                self._collection,
+                record.key.key_id,
+                record.key.encode(),
+                json.dumps(sorted(record.rights)),
+                record.granted_index,
+                record.revoked_index,
+            ),
+        )
+
+    def set_last_seq(self, key_id: str, seq: int) -> None:
+        self._conn.execute(
+            "INSERT INTO seqs (collection, key_id, seq) VALUES (?, ?, ?) "
+            "ON CONFLICT (collection, key_id) DO UPDATE SET seq = excluded.seq",
+            (self._collection, key_id, seq),
+        )
+
+    def put_listing(
+        self,
+        signal: str,
+        hash_hex: str,
+        member: str,
+        labels: Sequence[str],
+        quality: int | None,
+        index: int,
+    ) -> None:
+        self._conn.execute(
+            "INSERT INTO listings (collection, type, hash, member, labels, quality, since) VALUES (?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (collection, type, hash, member) DO UPDATE SET labels = excluded.labels, quality = excluded.quality",
+            (self._collection, signal, hash_hex, member, json.dumps(list(labels)), quality, index),
+        )
+
+    def delete_listing(self, signal: str, hash_hex: str, member: str) -> None:
+        self._conn.execute(
+            "DELETE FROM listings WHERE collection = ? AND type = ? AND hash = ? AND member = ?",
+            (self._collection, signal, hash_hex, member),
+        )
+
+    def put_opinion(
+        self, signal: str, hash_hex: str, member: str, verdict: str, note: str | None, index: int
+    ) -> None:
+        self._conn.execute(
+            "INSERT INTO opinions (collection, type, hash, member, verdict, note, idx) VALUES (?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (collection, type, hash, member) DO UPDATE SET verdict = excluded.verdict, note = excluded.note, idx = excluded.idx",
+            (self._collection, signal, hash_hex, member, verdict, note, index),
+        )
+
+    def delete_opinion(self, signal: str, hash_hex: str, member: str) -> None:
+        self._conn.execute(
+            "DELETE FROM opinions WHERE collection = ? AND type = ? AND hash = ? AND member = ?",
+            (self._collection, signal, hash_hex, member),
+        )
+
+    def record_change(self, change: ListingChange) -> None:
+        self._conn.execute(
+            "INSERT INTO changes (collection, idx, ordinal, type, hash, listed) VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                self._collection,
+                change.index,
+                self._ordinal,
+                change.signal,
+                change.hash,
+                int(change.listed),
+            ),
+        )
+        self._ordinal += 1
+
+
+class SqliteStore:
+    """The hub's storage in one SQLite file (implements ``HubStore``)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        conn = self._conn()
+        conn.executescript(SCHEMA)
+        conn.execute(
+            "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
+            (str(SCHEMA_VERSION),),
+        )
+        version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
+        if int(version) != SCHEMA_VERSION:
+            raise StoreError(
+                f"{path} has schema version {version}; this hashfed reads version {SCHEMA_VERSION}"
+            )
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("PRAGMA busy_timeout = 30000")
+            self._local.conn = conn
+            with self._lock:
+                self._connections.append(conn)
+        return conn
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._connections:
+                conn.close()
+            self._connections.clear()
+        self._local = threading.local()
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """A consistent snapshot for reads that span several queries."""
+        conn = self._conn()
+        conn.execute("BEGIN")
+        try:
+            yield conn
+        finally:
+            conn.execute("COMMIT")
+
+    def collections(self) -> list[str]:
+        return [row[0] for row in self._conn().execute("SELECT name FROM collections ORDER BY name")]
+
+    def create_collection(self, name: str) -> None:
+        conn = self._conn()
+        try:
+            conn.execute("INSERT INTO collections (name) VALUES (?)", (name,))
+        except sqlite3.IntegrityError as exc:
+            raise StoreError(f"collection {name} already exists") from exc
+
+    @contextmanager
+    def write(self, collection: str) -> Iterator[SqliteTxn]:
+        """Open a write transaction; it commits when the block ends without an exception."""
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            row = conn.execute("SELECT size FROM collections WHERE name = ?", (collection,)).fetchone()
+            if row is None:
+                raise StoreError(f"no collection named {collection}")
+            yield SqliteTxn(conn, collection, int(row[0]))
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def log_size(self, collection: str) -> int:
+        row = self._conn().execute("SELECT size FROM collections WHERE name = ?", (collection,)).fetchone()
+        if row is None:
+            raise StoreError(f"no collection named {collection}")
+        return int(row[0])
+
+    def read_hashes(self, collection: str, keys: Sequence[HashKey]) -> list[bytes]:
+        return _read_tree(self._conn(), collection, keys)
+
+    def entries(self, collection: str, start: int, limit: int) -> list[EntryRecord]:
+        rows = self._conn().execute(
+            "SELECT idx, leaf_hash, data FROM entries WHERE collection = ? AND idx >= ? ORDER BY idx LIMIT ?",
+            (collection, start, limit),
+        )
+        return [EntryRecord(int(i), bytes(h), bytes(d)) for i, h, d in rows]
+
+    def entry_by_leaf(self, collection: str, leaf: bytes) -> EntryRecord | None:
+        row = (
+            self._conn()
+            .execute(
+                "SELECT idx, leaf_hash, data FROM entries WHERE collection = ? AND leaf_hash = ?",
+                (collection, leaf),
+            )
+            .fetchone()
+        )
+        return EntryRecord(int(row[0]), bytes(row[1]), bytes(row[2])) if row else None
+
+    def keys(self, collection: str) -> list[KeyRecord]:
+        rows = self._conn().execute(
+            "SELECT key, rights, granted, revoked FROM keys WHERE collection = ? ORDER BY granted, key_id",
+            (collection,),
+        )
+        return [_key_record(row) for row in rows]
+
+    def key_memberships(self, key_id: str) -> list[tuple[str, KeyRecord]]:
+        rows = self._conn().execute(
+            "SELECT collection, key, rights, granted, revoked FROM keys WHERE key_id = ?", (key_id,)
+        )
+        return [(row[0], _key_record(row[1:])) for row in rows]
+
+    def changes_since(self, collection: str, position: int) -> tuple[list[ListingChange], int]:
+        with self._read() as conn:
+            size = int(
+                conn.execute("SELECT size FROM collections WHERE name = ?", (collection,)).fetchone()[0]
+            )
+            rows = conn.execute(
+                "SELECT idx, type, hash, listed FROM changes WHERE collection = ? AND idx >= ? ORDER BY idx, ordinal",
+                (collection, position),
+            ).fetchall()
+        return [ListingChange(int(i), t, h, bool(listed)) for i, t, h, listed in rows], size
+
+    def listed(self, collection: str) -> tuple[list[tuple[str, str]], int]:
+        with self._read() as conn:
+            size = int(
+                conn.execute("SELECT size FROM collections WHERE name = ?", (collection,)).fetchone()[0]
+            )
+            rows = conn.execute(
+                "SELECT DISTINCT type, hash FROM listings WHERE collection = ?", (collection,)
+            ).fetchall()
+        return [(t, h) for t, h in rows], size
+
+    def details(self, collection: str, signal: str, hashes: Sequence[str]) -> dict[str, ListingDetail]:
+        """Submitters, labels, first index and opinion counts of listed hashes."""
+        result: dict[str, ListingDetail] = {}
+        unique = list(dict.fromkeys(hashes))
+        with self._read() as conn:
+            for start in range(0, len(unique), 500):
+                chunk = unique[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                listing_rows = conn.execute(
+                    f"SELECT hash, member, labels, since FROM listings WHERE collection = ? AND type = ? AND hash IN ({marks})",
+                    (collection, signal, *chunk),
+                ).fetchall()
+                opinion_rows = conn.execute(
+                    f"SELECT hash, verdict, count(*) FROM opinions WHERE collection = ? AND type = ? AND hash IN ({marks}) "
+                    "GROUP BY hash, verdict",
+                    (collection, signal, *chunk),
+                ).fetchall()
+                counts: dict[str, dict[str, int]] = {}
+                for hash_hex, verdict, count in opinion_rows:
+                    counts.setdefault(hash_hex, {})[verdict] = int(count)
+                grouped: dict[str, list[tuple[str, list[str], int]]] = {}
+                for hash_hex, member, labels, since in listing_rows:
+                    grouped.setdefault(hash_hex, []).append((member, json.loads(labels), int(since)))
+                for hash_hex, rows in grouped.items():
+                    opinion = counts.get(hash_hex, {})
+                    result[hash_hex] = ListingDetail(
+                        submitters=tuple(sorted(member for member, _, _ in rows)),
+                        labels=tuple(sorted({label for _, labels, _ in rows for label in labels})),
+                        first_index=min(since for _, _, since in rows),
+                        positive=opinion.get("positive", 0),
+                        negative=opinion.get("negative", 0),
+                    )
+        return result
