@@ -28,6 +28,7 @@ def init_hub(path: Path, *, name: str, federation: str, collection: str) -> Veri
     if data.config_file.exists():
         raise ConfigError(f"{path} is already a hub data directory")
     path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o700)
     signer = SignerKey.generate(name)
     write_signer_file(signer, data.signer_file)
     data.verifier_file.write_text(signer.verifier.encode() + "\n")
@@ -64,5 +65,14 @@ def list_members(data: DataDir) -> list[tuple[str, KeyRecord]]:
     node = open_node(data)
     try:
         return [(c, record) for c in node.collections() for record in node.store.keys(c)]
+    finally:
+        node.store.close()
+
+
+def rebuild(data: DataDir) -> dict[str, int]:
+    """Replay every collection's log into a fresh projection; return entries replayed per collection."""
+    node = open_node(data)
+    try:
+        return {collection: node.rebuild(collection) for collection in node.collections()}
     finally:
         node.store.close()

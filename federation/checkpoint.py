@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from .keys import SignerKey, VerifierKey
 
 SIGNATURE_DASH = "\u2014"
+_DECIMAL = re.compile(r"0|[1-9][0-9]{0,18}")
 _SIG_LINE = re.compile(rf"{SIGNATURE_DASH} (\S+) ([A-Za-z0-9+/=]+)")
 
 
@@ -49,7 +50,7 @@ class Checkpoint:
         origin, size_text, root_text = lines[0], lines[1], lines[2]
         if not origin:
             raise CheckpointError("checkpoint origin line is empty")
-        if not size_text.isdigit() or (size_text.startswith("0") and size_text != "0"):
+        if not _DECIMAL.fullmatch(size_text):
             raise CheckpointError(f"checkpoint size {size_text!r} is not a decimal number")
         try:
             root = base64.b64decode(root_text, validate=True)

@@ -23,6 +23,7 @@ from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 import aiohttp
+from yarl import URL
 
 from .envelope import (
     BATCH_TYPE,
@@ -122,7 +123,9 @@ class HubClient:
                     raise HubError(0, "this request must be signed: give the client a signer key")
                 headers.update(sign_request(self.signer, method, self._base_path + path, query, body))
             try:
-                response = await self._session.request(method, url, data=body, headers=headers)
+                response = await self._session.request(
+                    method, URL(url, encoded=True), data=body, headers=headers
+                )
             except (TimeoutError, aiohttp.ClientConnectionError) as exc:
                 if attempt == self.retries:
                     raise HubError(0, f"cannot reach the hub at {self.base_url}: {exc}") from exc

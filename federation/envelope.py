@@ -27,7 +27,7 @@ PAYLOAD_TYPES = (BATCH_TYPE, OPINION_TYPE, MEMBERSHIP_TYPE)
 VERDICTS = ("positive", "negative", "withdrawn")
 RIGHTS = ("read", "write")
 MAX_SEQ = 2**53 - 1
-_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z")
+_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?Z")
 
 
 class EnvelopeError(ValueError):
@@ -67,6 +67,10 @@ def strict_json(data: bytes | str, what: str) -> Any:
         raise EnvelopeError(
             f"{what} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
         ) from exc
+    except RecursionError as exc:
+        raise EnvelopeError(f"{what} is nested too deeply to be a hashfed document") from exc
+    except ValueError as exc:  # e.g. an integer literal with thousands of digits
+        raise EnvelopeError(f"{what} cannot be parsed: {exc}") from exc
 
 
 def compact_json(value: Any) -> bytes:
@@ -261,7 +265,7 @@ def _name(value: Any, where: str) -> str:
 
 
 def _header(obj: dict[str, Any]) -> Header:
-    if obj["v"] != 1 or isinstance(obj["v"], bool):
+    if type(obj["v"]) is not int or obj["v"] != 1:
         raise EnvelopeError(f"payload version v must be 1, got {obj['v']!r}")
     seq = obj["seq"]
     if isinstance(seq, bool) or not isinstance(seq, int) or not 1 <= seq <= MAX_SEQ:

@@ -698,7 +698,9 @@ class ReplayGuard:
     def check_and_remember(self, signature: bytes, now: int) -> None:
         """Refuse ``signature`` if it was seen within the window; otherwise remember it."""
         with self._lock:
-            while self._queue and self._queue[0][0] <= now:
+            # Kept through its last acceptable second: ``created`` may still be
+            # within the skew at exactly ``first use + window``.
+            while self._queue and self._queue[0][0] < now:
                 _, expired = heapq.heappop(self._queue)
                 del self._expiry[expired]
             if signature in self._expiry:

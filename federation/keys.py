@@ -163,7 +163,8 @@ def write_signer_file(key: SignerKey, path: Path, *, overwrite: bool = False) ->
         raise KeyFormatError(f"{path} already exists; refusing to overwrite a signer key")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w") as handle:
         handle.write(key.encode() + "\n")
         handle.flush()

@@ -188,6 +188,8 @@ def verify_consistency(old: int, new: int, old_root: bytes, new_root: bytes, pro
     """Check a consistency proof (RFC 9162 §2.1.4.2); raise ProofError if it fails."""
     if not 0 <= old <= new:
         raise ProofError(f"size {new} cannot extend size {old}")
+    if old == 0 and old_root != EMPTY_ROOT:
+        raise ProofError("the root of the empty tree is SHA-256 of nothing; this old root is not")
     if old == new:
         if proof:
             raise ProofError("a proof between equal sizes must be empty")
@@ -224,3 +226,33 @@ def verify_consistency(old: int, new: int, old_root: bytes, new_root: bytes, pro
         raise ProofError("consistency proof does not lead to the old root")
     if sr != new_root:
         raise ProofError("consistency proof does not lead to the new root")
+
+
+class Frontier:
+    """The root of a growing log from its leaves alone, in O(log n) memory.
+
+    Holds the hashes of the maximal complete subtrees (the binary digits of
+    the size); a replay or a mirror uses it to recompute a root without
+    trusting stored interior hashes.
+    """
+
+    def __init__(self) -> None:
+        self.size = 0
+        self._stack: list[tuple[int, bytes]] = []
+
+    def append(self, leaf: bytes) -> list[tuple[HashKey, bytes]]:
+        """Add a leaf; return every complete subtree it completes, as stored hashes are keyed."""
+        level, current, position = 0, leaf, self.size
+        completed = [((0, position), leaf)]
+        while self._stack and self._stack[-1][0] == level:
+            current = node_hash(self._stack.pop()[1], current)
+            level, position = level + 1, position >> 1
+            completed.append(((level, position), current))
+        self._stack.append((level, current))
+        self.size += 1
+        return completed
+
+    def root(self) -> bytes:
+        if not self._stack:
+            return EMPTY_ROOT
+        return fold([h for _, h in self._stack])

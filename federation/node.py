@@ -30,7 +30,12 @@ from .index.live import IndexCatalog
 from .keys import SignerKey, VerifierKey
 from .signals import SignalType
 from .state import LogContext, Refusal, apply_entry, check_entry
-from .store.base import EntryRecord, HubStore
+from .store.base import EntryRecord, HubStore, StoreError
+
+REPLAY_LIMITS = Limits(
+    max_items=2**31, max_labels_per_item=2**31, max_label_length=2**31, max_note_length=2**31
+)
+"""Entries already in the log were accepted under the limits of their day; replay does not re-judge them."""
 
 
 class UnknownCollection(LookupError):
@@ -102,14 +107,14 @@ class Node:
     def submit(self, collection: str, envelope: Envelope) -> Accepted:
         """Verify an envelope, append it and apply it in one transaction, then index it."""
         self.require_collection(collection)
-        try:
-            payload = parse_payload(envelope.payload_type, envelope.payload, self.limits)
-        except EnvelopeError as exc:
-            raise Refusal(400, "invalid-payload", str(exc)) from exc
         data = envelope.canonical()
         existing = self.store.entry_by_leaf(collection, merkle.leaf_hash(data))
         if existing is not None:
             return Accepted(existing, created=False)
+        try:
+            payload = parse_payload(envelope.payload_type, envelope.payload, self.limits)
+        except EnvelopeError as exc:
+            raise Refusal(400, "invalid-payload", str(exc)) from exc
         try:
             with self.store.write(collection) as txn:
                 signer = check_entry(envelope, payload, self.context(collection), txn)
@@ -134,11 +139,56 @@ class Node:
     def change_membership(self, collection: str, grant: Sequence[Grant], revoke: Sequence[str]) -> Accepted:
         if self.signer is None:
             raise RuntimeError("this node has no hub signer key; membership entries need one")
-        with self.store.write(collection) as txn:
-            seq = max(txn.last_seq(self.signer.key_id) + 1, time.time_ns() // 1000)
-        header = Header(self.federation, collection, seq, utc_now())
-        payload = membership_payload(header, tuple(grant), tuple(revoke))
-        return self.submit(collection, sign_envelope(self.signer, MEMBERSHIP_TYPE, payload))
+        for attempt in range(5):
+            with self.store.write(collection) as txn:
+                seq = max(txn.last_seq(self.signer.key_id) + 1, time.time_ns() // 1000)
+            header = Header(self.federation, collection, seq, utc_now())
+            payload = membership_payload(header, tuple(grant), tuple(revoke))
+            try:
+                return self.submit(collection, sign_envelope(self.signer, MEMBERSHIP_TYPE, payload))
+            except Refusal as exc:
+                # Another process (a CLI command, a replica) appended a membership
+                # entry between choosing this seq and appending: choose again.
+                if exc.kind != "stale-seq" or attempt == 4:
+                    raise
+        raise AssertionError("unreachable")
+
+    def rebuild(self, collection: str) -> int:
+        """Replay a collection's log into a fresh projection, checking every entry again.
+
+        This is the restart path taken the long way: the same checks and the
+        same apply function as ingest, over the stored log. The stored tree
+        hashes are checked against a root recomputed from the entries alone.
+        """
+        frontier = merkle.Frontier()
+        expected: list[tuple[merkle.HashKey, bytes]] = []
+        with self.store.rebuild(collection) as txn:
+            for record in txn.logged_entries():
+                if merkle.leaf_hash(record.data) != record.leaf_hash:
+                    raise StoreError(
+                        f"{collection} entry {record.index}: stored leaf hash does not match its data"
+                    )
+                try:
+                    envelope = Envelope.parse(record.data)
+                    payload = parse_payload(envelope.payload_type, envelope.payload, REPLAY_LIMITS)
+                    signer = check_entry(envelope, payload, self.context(collection), txn)
+                except (EnvelopeError, Refusal) as exc:
+                    raise StoreError(f"{collection} entry {record.index} fails verification: {exc}") from exc
+                if envelope.canonical() != record.data:
+                    raise StoreError(f"{collection} entry {record.index} is not in canonical form")
+                txn.replayed(record)
+                apply_entry(record.index, signer, payload, txn)
+                expected.extend(frontier.append(record.leaf_hash))
+                if len(expected) >= 4096:
+                    _check_tree(txn, collection, expected)
+            _check_tree(txn, collection, expected)
+            if frontier.size != self.store.log_size(collection):
+                raise StoreError(
+                    f"{collection}: the log size on record does not match its {frontier.size} entries"
+                )
+        self.indexes.forget(collection)
+        self.indexes.catch_up(collection)
+        return frontier.size
 
     # ---- the read path --------------------------------------------------
 
@@ -210,6 +260,17 @@ class Node:
         for matches in results:
             matches.sort(key=lambda m: (m.distance, m.collection, m.hash))
         return results
+
+
+def _check_tree(
+    reader: merkle.HashReader, collection: str, expected: list[tuple[merkle.HashKey, bytes]]
+) -> None:
+    """Compare stored subtree hashes with ones recomputed from the entries; empty the list."""
+    stored = reader.read_hashes([key for key, _ in expected])
+    for (key, value), found in zip(expected, stored, strict=True):
+        if value != found:
+            raise StoreError(f"{collection}: stored tree hash {key} does not match the entries")
+    expected.clear()
 
 
 class _Reader:

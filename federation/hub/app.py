@@ -69,6 +69,10 @@ def create_app(node: Node, config: HubConfig) -> web.Application:
 
 
 async def _load(runtime: HubRuntime) -> None:
-    await runtime.read(runtime.node.load)
+    try:
+        await runtime.read(runtime.node.load)
+    except Exception:
+        log.exception("loading the indexes failed; the hub stays not ready (GET /v1/ready answers 503)")
+        return
     runtime.ready = True
     log.info("indexes loaded for %d collection(s); ready", len(runtime.node.collections()))

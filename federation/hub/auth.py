@@ -66,10 +66,9 @@ def authenticate(
         )
         guard.check_and_remember(verified.signature, now)
     except SignatureRefused as exc:
+        digest = exc.status == 400 and "digest" in exc.detail
         raise Problem(
-            exc.status,
-            "bad-request-signature" if exc.status != 400 else "content-digest-mismatch",
-            exc.detail,
+            exc.status, "content-digest-mismatch" if digest else "bad-request-signature", exc.detail
         ) from exc
     return Caller(verified.key_id, verified.key_id == node.hub_key.key_id, memberships)
 

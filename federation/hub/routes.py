@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from typing import Any
 
 from aiohttp import web
@@ -26,6 +27,7 @@ from .auth import Caller, authenticate, raw_query
 from .problems import Problem
 
 ENTRIES_PAGE_CAP = 1000
+_DECIMAL = re.compile(r"[0-9]{1,18}")
 NDJSON = "application/x-ndjson"
 
 
@@ -64,7 +66,7 @@ def _int_param(request: web.Request, name: str, default: int | None = None) -> i
         if default is None:
             raise Problem(400, "invalid-query", f"query parameter {name} is required")
         return default
-    if not text.isdigit() or len(text) > 18:
+    if not _DECIMAL.fullmatch(text):
         raise Problem(
             400,
             "invalid-query",
@@ -114,7 +116,7 @@ async def post_entry(request: web.Request) -> web.Response:
     if not caller.is_member(collection):
         raise Problem(403, "not-a-member", f"key {caller.key_id} is not a member of collection {collection}")
     try:
-        envelope = Envelope.parse(body)
+        envelope = await runtime.read(lambda: Envelope.parse(body))
     except EnvelopeError as exc:
         kind = "unknown-payload-type" if "unknown payload type" in str(exc) else "invalid-envelope"
         raise Problem(400, kind, str(exc)) from exc
@@ -268,7 +270,9 @@ async def lookup(request: web.Request) -> web.Response:
     runtime = _runtime(request)
     body = await request.read()
     caller = await _caller(request, body)
-    queries, max_distance, asked = _parse_lookup(_json_body(body, "lookup body"), runtime.config.max_queries)
+    queries, max_distance, asked = await runtime.read(
+        lambda: _parse_lookup(_json_body(body, "lookup body"), runtime.config.max_queries)
+    )
     existing = await runtime.read(runtime.node.collections)
     if asked is None:
         collections = [c for c in existing if caller.may(c, "read")]

@@ -68,6 +68,11 @@ class IndexCatalog:
             current.position = size
             return size
 
+    def forget(self, collection: str) -> None:
+        """Drop a collection's indexes; the next catch-up builds them afresh."""
+        with self._lock:
+            self._collections.pop(collection, None)
+
     def ready(self, collections: Sequence[str]) -> bool:
         with self._lock:
             return all(name in self._collections for name in collections)

@@ -21,6 +21,7 @@ from ..state import KeyRecord, ListingChange
 from .base import EntryRecord, ListingDetail, StoreError
 
 SCHEMA_VERSION = 1
+PROJECTION_TABLES = ("keys", "seqs", "listings", "opinions", "changes")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -121,6 +122,26 @@ class SqliteTxn:
         self._ordinal = 0
         self._conn.execute("UPDATE collections SET size = ? WHERE name = ?", (self._size, self._collection))
         return EntryRecord(index, leaf, data)
+
+    def replayed(self, record: EntryRecord) -> None:
+        """Advance past an entry already in the log (rebuilding the projection)."""
+        if record.index != self._size:
+            raise StoreError(f"replay out of order: expected index {self._size}, got {record.index}")
+        self._size += 1
+        self._ordinal = 0
+
+    def logged_entries(self, batch: int = 1000) -> Iterator[EntryRecord]:
+        position = 0
+        while True:
+            rows = self._conn.execute(
+                "SELECT idx, leaf_hash, data FROM entries WHERE collection = ? AND idx >= ? ORDER BY idx LIMIT ?",
+                (self._collection, position, batch),
+            ).fetchall()
+            if not rows:
+                return
+            for index, leaf, data in rows:
+                yield EntryRecord(int(index), bytes(leaf), bytes(data))
+            position = int(rows[-1][0]) + 1
 
     def key_record(self, key_id: str) -> KeyRecord | None:
         row = self._conn.execute(
@@ -290,6 +311,22 @@ class SqliteStore:
             if row is None:
                 raise StoreError(f"no collection named {collection}")
             yield SqliteTxn(conn, collection, int(row[0]))
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    @contextmanager
+    def rebuild(self, collection: str) -> Iterator[SqliteTxn]:
+        """A write transaction with the collection's projection emptied, to replay its log into."""
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if conn.execute("SELECT 1 FROM collections WHERE name = ?", (collection,)).fetchone() is None:
+                raise StoreError(f"no collection named {collection}")
+            for table in PROJECTION_TABLES:
+                conn.execute(f"DELETE FROM {table} WHERE collection = ?", (collection,))
+            yield SqliteTxn(conn, collection, 0)
         except BaseException:
             conn.execute("ROLLBACK")
             raise
