@@ -113,12 +113,6 @@ def signer_of(envelope: Envelope, payload: Payload, context: LogContext, view: P
                 400, "bad-envelope-signature", f"the envelope signature by {key_id} does not verify"
             )
         return key_id
-    if view.log_size() == 0:
-        raise Refusal(
-            409,
-            "no-membership-yet",
-            f"collection {context.collection} has no membership entry yet: its first entry must grant members",
-        )
     record = view.key_record(key_id)
     if record is None:
         raise Refusal(
@@ -209,7 +203,10 @@ def apply_entry(index: int, signer: str, payload: Payload, view: Projection) -> 
     changes: list[ListingChange] = []
     if isinstance(payload, MembershipPayload):
         for grant in payload.grant:
-            view.put_key(KeyRecord(grant.key, grant.rights, index))
+            # Re-granting an active key changes its rights; it was granted when first granted.
+            earlier = view.key_record(grant.key.key_id)
+            granted = earlier.granted_index if earlier is not None else index
+            view.put_key(KeyRecord(grant.key, grant.rights, granted))
         for key_id in payload.revoke:
             old = view.key_record(key_id)
             if old is not None:

@@ -170,7 +170,7 @@ async def test_client_submit_and_resubmit(hub: Hub) -> None:
     submitted = await acme.submit(COLLECTION, [Addition("pdq", pdq(3), ("x",))])
     assert submitted.created
     entries, _ = await acme.entries(COLLECTION, submitted.index, 1)
-    (index, env) = entries[0]
+    index, env = entries[0]
     assert index == submitted.index
     again = await acme.post_envelope(COLLECTION, env)
     assert (again.index, again.leaf_hash, again.created) == (submitted.index, submitted.leaf_hash, False)

@@ -46,11 +46,18 @@ def authenticate(
     def resolve(key_id: str) -> VerifierKey | None:
         if key_id == node.hub_key.key_id:
             return node.hub_key
-        for collection, record in node.store.key_memberships(key_id):
+        records = node.store.key_memberships(key_id)
+        for collection, record in records:
             if record.active:
                 memberships[collection] = record
         if memberships:
             return next(iter(memberships.values())).key
+        if records:
+            collection, record = records[0]
+            raise SignatureRefused(
+                f"key {key_id} was revoked at log index {record.revoked_index} of collection {collection}; "
+                "sign with a current key"
+            )
         return None
 
     now = int(time.time())

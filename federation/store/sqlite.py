@@ -173,7 +173,7 @@ class SqliteTxn:
     def put_key(self, record: KeyRecord) -> None:
         self._conn.execute(
             "INSERT INTO keys (collection, key_id, key, rights, granted, revoked) VALUES (?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT (collection, key_id) DO UPDATE SET rights = excluded.rights, revoked = excluded.revoked",
+            "ON CONFLICT (collection, key_id) DO UPDATE SET rights = excluded.rights, granted = excluded.granted, revoked = excluded.revoked",
             (
                 self._collection,
                 record.key.key_id,
