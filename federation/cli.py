@@ -288,7 +288,12 @@ def cmd_lookup(args: argparse.Namespace) -> int:
             )
         return results
 
-    results = _with_client(args, work)
+    if args.mirror:
+        from .sync.cli import mirror_lookup
+
+        results = mirror_lookup(args.mirror, queries, args.max_distance, args.collection)
+    else:
+        results = _with_client(args, work)
     if args.json:
         answer = [
             {"query": {"type": t, "hash": h}, "matches": matches}
@@ -406,6 +411,7 @@ def _add_member_commands(sub: Any) -> None:
                 "--collection", action="append", default=[], help="only this collection (repeatable)"
             )
             p.add_argument("--json", action="store_true", help="print the results as JSON")
+            p.add_argument("--mirror", metavar="DIR", help="answer offline from a `hashfed mirror` directory")
             p.add_argument("--wide", action="store_true", help="show hashes in full in the table")
         else:
             p.add_argument("--verdict", required=True, choices=VERDICTS)
@@ -423,6 +429,9 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_admin_commands(sub)
     _add_member_commands(sub)
+    from .sync.cli import add_mirror_command
+
+    add_mirror_command(sub)
     demo_parser = _command(sub, "demo")
     if argv and argv[0] == "demo":  # imported only when used: no other command needs it
         from . import demo
@@ -454,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
     try:
-        if args.command in ("submit", "lookup", "opinion"):
+        if args.command in ("submit", "lookup", "opinion") and not getattr(args, "mirror", None):
             _check_member_args(args)
         return int(args.func(args))
     except (UsageError, HashFileError, KeyFormatError, ConfigError, SignalError) as exc:

@@ -128,7 +128,8 @@ class HubClient:
                 )
             except (TimeoutError, aiohttp.ClientConnectionError) as exc:
                 if attempt == self.retries:
-                    raise HubError(0, f"cannot reach the hub at {self.base_url}: {exc}") from exc
+                    reason = str(exc) or ("timeout" if isinstance(exc, TimeoutError) else type(exc).__name__)
+                    raise HubError(0, f"cannot reach the hub at {self.base_url}: {reason}") from exc
             else:
                 if response.status < 400:
                     return response
@@ -245,6 +246,32 @@ class HubClient:
                 if line.strip():
                     item = json.loads(line)
                     yield item["index"], Envelope.from_json(item["envelope"])
+
+    async def entry_lines(self, collection: str, start: int, limit: int) -> bytes:
+        """Entries ``start`` to ``start + limit - 1`` as the raw NDJSON body, read whole.
+
+        Unlike :meth:`stream_entries` this takes lines of any length (one
+        entry may hold 100,000 hashes) and leaves parsing to the caller, so a
+        mirror can parse and verify in a worker thread.
+        """
+        response = await self._request(
+            "GET",
+            f"/v1/collections/{collection}/entries",
+            params={"start": start, "limit": limit},
+            accept="application/x-ndjson",
+        )
+        async with response:
+            return await response.read()
+
+    async def sources(self) -> list[dict[str, Any]]:
+        """The collections this hub mirrors, with the latest checkpoint it verified of each."""
+        answer = await self._json("GET", "/v1/sources", signed=False)
+        return list(answer["sources"])
+
+    async def peers(self) -> list[dict[str, Any]]:
+        """This hub's peers and the state of each mirrored collection."""
+        answer = await self._json("GET", "/v1/peers", signed=False)
+        return list(answer["peers"])
 
     async def inclusion_proof(self, collection: str, index: int, size: int) -> list[bytes]:
         answer = await self._json(

@@ -6,26 +6,145 @@ Layout::
     DIR/hub.key       the hub's signer key (mode 0600; back it up, never share it)
     DIR/hub.pub       the hub's verifier key (give it to members and peers)
     DIR/hub.sqlite3   the log and its projection (SQLite, WAL)
+    DIR/index/        snapshots of the PDQ index (derived from the log; safe to delete)
 """
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from .envelope import Limits
-from .keys import SignerKey, check_name, load_signer_file
+from .keys import KeyFormatError, SignerKey, VerifierKey, check_name, load_signer_file
 
 CONFIG_FILE = "hub.toml"
 SIGNER_FILE = "hub.key"
 VERIFIER_FILE = "hub.pub"
 DATABASE_FILE = "hub.sqlite3"
+INDEX_DIR = "index"
 
 
 class ConfigError(ValueError):
     """A data directory or configuration that cannot be used; the message says how to fix it."""
+
+
+_PEER_COLLECTION = re.compile(r"(?:([A-Za-z0-9._-]{1,64}):)?([A-Za-z0-9._-]{1,64})")
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    """A peer hub to mirror (a ``[[peers]]`` table in hub.toml; see docs/operations.md)."""
+
+    url: str
+    key: str
+    """The peer hub's verifier key: pins the checkpoints of its own collections."""
+    member_key: str
+    """This hub's signer key file at the peer (made with ``hashfed keygen``, granted read there)."""
+    collections: tuple[str, ...]
+    """The peer's own collections (``NAME``) and ones it relays from other hubs (``HUB:NAME``)."""
+    relay_keys: tuple[str, ...] = ()
+    """Verifier keys of the origin hubs of relayed collections, one per ``HUB``."""
+    interval: float = 10.0
+    """Seconds between polls while in step; after failures up to 32 times longer (at most 5 minutes)."""
+    timeout: float = 60.0
+    """Seconds any one request to the peer may take."""
+
+    def origin_key(self, collection: str) -> str:
+        """The verifier key that signs ``collection``'s checkpoints (validated at load)."""
+        match = _PEER_COLLECTION.fullmatch(collection)
+        hub = match.group(1) if match else None
+        if hub is None:
+            return self.key
+        return next(key for key in self.relay_keys if VerifierKey.parse(key).name == hub)
+
+    def to_toml(self) -> str:
+        def quoted(value: str) -> str:
+            return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+        lines = ["", "[[peers]]", f"url = {quoted(self.url)}", f"key = {quoted(self.key)}"]
+        lines.append(f"member_key = {quoted(self.member_key)}")
+        lines.append(f"collections = [{', '.join(quoted(c) for c in self.collections)}]")
+        if self.relay_keys:
+            lines.append(f"relay_keys = [{', '.join(quoted(k) for k in self.relay_keys)}]")
+        lines.append(f"interval = {self.interval!r}")
+        lines.append(f"timeout = {self.timeout!r}")
+        return "\n".join(lines) + "\n"
+
+
+def _peer(raw: Any, position: int, source: str, base: Path | None) -> PeerConfig:
+    where = f"{source}: peers[{position}]"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a table ([[peers]])")
+    known = {f.name for f in fields(PeerConfig)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown setting {unknown[0]!r}; known: {', '.join(sorted(known))}")
+    for name in ("url", "key", "member_key", "collections"):
+        if name not in raw:
+            raise ConfigError(f"{where}: missing setting {name!r}")
+    for name in ("url", "key", "member_key"):
+        if not isinstance(raw[name], str):
+            raise ConfigError(f"{where}: {name} must be a string")
+    if not raw["url"].startswith(("http://", "https://")):
+        raise ConfigError(f"{where}: url {raw['url']!r} is not an http:// or https:// URL")
+    for name in ("collections", "relay_keys"):
+        value = raw.get(name, [])
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            raise ConfigError(f"{where}: {name} must be a list of strings")
+    for name in ("interval", "timeout"):
+        value = raw.get(name, 1)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise ConfigError(f"{where}: {name} must be a positive number of seconds")
+    try:
+        peer_key = VerifierKey.parse(raw["key"])
+        relay = {VerifierKey.parse(text).name: text for text in raw.get("relay_keys", [])}
+    except KeyFormatError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+    if not raw["collections"]:
+        raise ConfigError(f"{where}: collections is empty; name the collections to mirror")
+    for collection in raw["collections"]:
+        match = _PEER_COLLECTION.fullmatch(collection)
+        if match is None:
+            raise ConfigError(f"{where}: collection {collection!r} must be NAME or HUB:NAME")
+        hub = match.group(1)
+        if hub is not None and (hub == peer_key.name or hub not in relay):
+            raise ConfigError(
+                f"{where}: collection {collection!r} is relayed from hub {hub!r}: "
+                f"add that hub's verifier key to relay_keys"
+            )
+    member_key = Path(raw["member_key"])
+    if base is not None and not member_key.is_absolute():
+        member_key = base / member_key
+    return PeerConfig(
+        url=raw["url"].rstrip("/"),
+        key=raw["key"],
+        member_key=str(member_key),
+        collections=tuple(raw["collections"]),
+        relay_keys=tuple(raw.get("relay_keys", [])),
+        interval=float(raw.get("interval", PeerConfig.interval)),
+        timeout=float(raw.get("timeout", PeerConfig.timeout)),
+    )
+
+
+def _peers(raw: Any, source: str, base: Path | None) -> tuple[PeerConfig, ...]:
+    if not isinstance(raw, list):
+        raise ConfigError(f"{source}: peers must be an array of tables ([[peers]])")
+    peers = tuple(_peer(item, position, source, base) for position, item in enumerate(raw))
+    seen: dict[str, str] = {}
+    for peer in peers:
+        for collection in peer.collections:
+            origin = VerifierKey.parse(peer.origin_key(collection)).name
+            name = f"{origin}:{collection.rpartition(':')[2]}"
+            if name in seen:
+                raise ConfigError(
+                    f"{source}: collection {name} is mirrored from both {seen[name]} and {peer.url}; "
+                    "name it for one peer only"
+                )
+            seen[name] = peer.url
+    return peers
 
 
 @dataclass(frozen=True)
@@ -40,6 +159,7 @@ class HubConfig:
     max_labels_per_item: int = 32
     max_label_length: int = 128
     max_note_length: int = 1_000
+    peers: tuple[PeerConfig, ...] = ()
 
     @property
     def limits(self) -> Limits:
@@ -53,15 +173,19 @@ class HubConfig:
     def to_toml(self) -> str:
         lines = ["# hashfed hub configuration; see docs/operations.md", ""]
         for key, value in asdict(self).items():
+            if key == "peers":
+                continue
             lines.append(f"{key} = {value!r}" if isinstance(value, int) else f'{key} = "{value}"')
-        return "\n".join(lines) + "\n"
+        return "\n".join(lines) + "\n" + "".join(peer.to_toml() for peer in self.peers)
 
     @classmethod
-    def from_toml(cls, text: str, source: str) -> HubConfig:
+    def from_toml(cls, text: str, source: str, base: Path | None = None) -> HubConfig:
+        """Parse hub.toml; relative ``member_key`` paths of peers are taken from ``base``."""
         try:
             raw: dict[str, Any] = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{source}: {exc}") from exc
+        peers = _peers(raw.pop("peers"), source, base) if "peers" in raw else ()
         known = {f.name: f for f in fields(cls)}
         unknown = sorted(set(raw) - set(known))
         if unknown:
@@ -75,7 +199,7 @@ class HubConfig:
                 raise ConfigError(f"{source}: {key} must be a {expected.__name__}")
         check_name(raw["name"])
         check_name(raw["federation"])
-        return cls(**raw)
+        return cls(**raw, peers=peers)
 
 
 @dataclass(frozen=True)
@@ -98,6 +222,11 @@ class DataDir:
     def database(self) -> Path:
         return self.path / DATABASE_FILE
 
+    @property
+    def index_dir(self) -> Path:
+        """Snapshots of the large index segments; derived data, safe to delete."""
+        return self.path / INDEX_DIR
+
     def check(self) -> None:
         if not self.config_file.exists():
             raise ConfigError(
@@ -106,7 +235,7 @@ class DataDir:
 
     def config(self) -> HubConfig:
         self.check()
-        return HubConfig.from_toml(self.config_file.read_text(), str(self.config_file))
+        return HubConfig.from_toml(self.config_file.read_text(), str(self.config_file), self.path)
 
     def signer(self) -> SignerKey:
         return load_signer_file(self.signer_file)

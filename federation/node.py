@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from . import merkle
 from .checkpoint import Checkpoint
@@ -21,6 +22,7 @@ from .envelope import (
     Grant,
     Header,
     Limits,
+    Payload,
     membership_payload,
     parse_payload,
     sign_envelope,
@@ -30,7 +32,7 @@ from .index.live import IndexCatalog
 from .keys import SignerKey, VerifierKey
 from .signals import SignalType
 from .state import LogContext, Refusal, apply_entry, check_entry
-from .store.base import EntryRecord, HubStore, StoreError
+from .store.base import CollectionTxn, EntryRecord, HubStore, SourceRecord, StoreError
 
 REPLAY_LIMITS = Limits(
     max_items=2**31, max_labels_per_item=2**31, max_label_length=2**31, max_note_length=2**31
@@ -41,6 +43,16 @@ REPLAY_LIMITS = Limits(
 class UnknownCollection(LookupError):
     def __init__(self, collection: str) -> None:
         super().__init__(f"no collection named {collection!r} on this hub")
+        self.collection = collection
+
+
+class NoCheckpointYet(LookupError):
+    """A mirrored collection whose first signed checkpoint has not been reached yet."""
+
+    def __init__(self, collection: str) -> None:
+        super().__init__(
+            f"mirrored collection {collection} has not reached a verified checkpoint yet; retry shortly"
+        )
         self.collection = collection
 
 
@@ -74,6 +86,7 @@ class Node:
         hub_key: VerifierKey,
         signer: SignerKey | None = None,
         limits: Limits | None = None,
+        index_dir: Path | None = None,
     ) -> None:
         self.store = store
         self.name = name
@@ -81,7 +94,7 @@ class Node:
         self.hub_key = hub_key
         self.signer = signer
         self.limits = limits or Limits()
-        self.indexes = IndexCatalog(store)
+        self.indexes = IndexCatalog(store, index_dir)
         self._checkpoints: dict[str, tuple[int, str]] = {}
         self._checkpoint_lock = threading.Lock()
 
@@ -95,6 +108,10 @@ class Node:
             raise UnknownCollection(collection)
 
     def context(self, collection: str) -> LogContext:
+        """What entries of ``collection`` are checked against: this hub's, or a mirrored log's origin."""
+        source = self.store.source(collection)
+        if source is not None:
+            return source_context(source)
         return LogContext(self.federation, collection, self.hub_key)
 
     def load(self) -> None:
@@ -115,11 +132,15 @@ class Node:
             payload = parse_payload(envelope.payload_type, envelope.payload, self.limits)
         except EnvelopeError as exc:
             raise Refusal(400, "invalid-payload", str(exc)) from exc
+        if self.store.source(collection) is not None:
+            raise Refusal(
+                409,
+                "mirrored-collection",
+                f"collection {collection} is mirrored from another hub; submit to its origin hub",
+            )
         try:
             with self.store.write(collection) as txn:
-                signer = check_entry(envelope, payload, self.context(collection), txn)
-                entry = txn.append(data)
-                apply_entry(entry.index, signer, payload, txn)
+                entry = _append(txn, envelope, payload, self.context(collection), data)
         except Refusal:
             # The same envelope may have landed concurrently (from another
             # process): then its own seq refuses it, and the answer is the
@@ -162,6 +183,7 @@ class Node:
         """
         frontier = merkle.Frontier()
         expected: list[tuple[merkle.HashKey, bytes]] = []
+        context = self.context(collection)
         with self.store.rebuild(collection) as txn:
             for record in txn.logged_entries():
                 if merkle.leaf_hash(record.data) != record.leaf_hash:
@@ -171,7 +193,7 @@ class Node:
                 try:
                     envelope = Envelope.parse(record.data)
                     payload = parse_payload(envelope.payload_type, envelope.payload, REPLAY_LIMITS)
-                    signer = check_entry(envelope, payload, self.context(collection), txn)
+                    signer = check_entry(envelope, payload, context, txn)
                 except (EnvelopeError, Refusal) as exc:
                     raise StoreError(f"{collection} entry {record.index} fails verification: {exc}") from exc
                 if envelope.canonical() != record.data:
@@ -190,10 +212,75 @@ class Node:
         self.indexes.catch_up(collection)
         return frontier.size
 
+    # ---- mirrored collections (federation.sync) ---------------------------
+
+    def sources(self) -> dict[str, SourceRecord]:
+        """Mirrored collections by local name."""
+        return {record.name: record for record in self.store.sources()}
+
+    def own_collections(self) -> list[str]:
+        mirrored = {record.name for record in self.store.sources()}
+        return [name for name in self.store.collections() if name not in mirrored]
+
+    def ingest_remote(
+        self,
+        source: SourceRecord,
+        start: int,
+        envelopes: Sequence[Envelope],
+        check_root: Callable[[int, bytes], None],
+        *,
+        index: bool = True,
+    ) -> int:
+        """Append a span of a mirrored log, checked exactly as :meth:`submit` checks, in one transaction.
+
+        The entries must continue the local log at ``start``. Each is checked
+        by :func:`federation.state.check_entry` against the source's context
+        (its federation and collection, the membership entries of its own log
+        and its pinned hub key) and applied by the same
+        :func:`federation.state.apply_entry`. Then ``check_root(size, root)``
+        sees the new local root and raises unless it is proven against the
+        source's signed checkpoint. Any exception rolls the whole span back,
+        together with the new ``source`` record, so nothing unproven is kept.
+        Returns the new log size.
+        """
+        context = source_context(source)
+        with self.store.write_source(source) as txn:
+            if txn.log_size() != start:
+                raise StoreError(
+                    f"{source.name}: this span starts at {start} but the local log has {txn.log_size()} entries"
+                )
+            for position, envelope in enumerate(envelopes, start):
+                try:
+                    payload = parse_payload(envelope.payload_type, envelope.payload, REPLAY_LIMITS)
+                    _append(txn, envelope, payload, context, envelope.canonical())
+                except EnvelopeError as exc:
+                    raise Refusal(400, "invalid-payload", f"entry {position}: {exc}") from exc
+                except Refusal as exc:
+                    raise Refusal(exc.status, exc.kind, f"entry {position}: {exc.detail}") from exc
+            size = txn.log_size()
+            check_root(size, merkle.root(txn, size))
+        if index:
+            self.indexes.catch_up(source.name)
+        return size
+
+    def record_fork(self, collection: str, body: str) -> None:
+        """Keep fork evidence (JSON text) for a mirrored collection and stop applying from it."""
+        self.store.add_evidence(collection, utc_now(), body)
+
+    def root(self, collection: str, size: int) -> bytes:
+        """The root of the first ``size`` entries of a collection's log, from the stored tree."""
+        self._check_size(collection, size)
+        return merkle.root(_Reader(self.store, collection), size)
+
     # ---- the read path --------------------------------------------------
 
     def checkpoint(self, collection: str) -> str:
         """The latest signed checkpoint, re-signed only when the log has grown."""
+        source = self.store.source(collection)
+        if source is not None:  # the origin hub's note, as verified: never re-signed here
+            if source.checkpoint is None:
+                raise NoCheckpointYet(collection)
+            return source.checkpoint
         if self.signer is None:
             raise RuntimeError("this node has no hub signer key; it cannot sign checkpoints")
         size = self.store.log_size(collection)
@@ -260,6 +347,24 @@ class Node:
         for matches in results:
             matches.sort(key=lambda m: (m.distance, m.collection, m.hash))
         return results
+
+
+def source_context(source: SourceRecord) -> LogContext:
+    """A mirrored log is checked against its origin: federation, collection name and pinned hub key."""
+    return LogContext(source.federation, source.collection, VerifierKey.parse(source.key))
+
+
+def _append(
+    txn: CollectionTxn, envelope: Envelope, payload: Payload, context: LogContext, data: bytes
+) -> EntryRecord:
+    """The one write path: check an entry against the projection, append it, apply it (one transaction).
+
+    ``data`` is the envelope's canonical form (the leaf data).
+    """
+    signer = check_entry(envelope, payload, context, txn)
+    entry = txn.append(data)
+    apply_entry(entry.index, signer, payload, txn)
+    return entry
 
 
 def _check_tree(

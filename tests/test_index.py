@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from federation.index import ExactIndex, FaissBinaryIndex, SearchIndex, new_index
+from federation.index.segmented import SegmentedPdqIndex
 from federation.signals import MD5, PDQ, SHA256, SignalError
 
 # PDQ hashes of the bridge test image and its seven dihedral variants, as published
@@ -217,7 +218,7 @@ def test_malformed_hashes_refused(bad: str) -> None:
 
 
 def test_new_index_picks_engine() -> None:
-    assert isinstance(new_index(PDQ), FaissBinaryIndex)
+    assert isinstance(new_index(PDQ), SegmentedPdqIndex)
     assert isinstance(new_index(MD5), ExactIndex)
     assert isinstance(new_index(SHA256), ExactIndex)
     assert new_index(SHA256).signal is SHA256
@@ -342,3 +343,63 @@ def test_concurrent_add_remove_search_never_sees_half_a_batch() -> None:
     for center, matches in zip(centers, final, strict=True):
         expected = brute_force(set(clusters[center]) if center in kept else set(), [center], 31)
         assert matches == expected[0]
+
+
+# --- the segmented index: large MIH segment + fresh FAISS segment + deletions ------------
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios(), st.integers(1, 8))
+def test_segmented_search_equals_brute_force_across_merges(scenario: Scenario, fresh_limit: int) -> None:
+    index = SegmentedPdqIndex(PDQ, fresh_limit=fresh_limit, background_merge=False)
+    present: set[str] = set()
+    queries = scenario.centers + scenario.pool
+    for kind, picks in scenario.ops:
+        batch = [scenario.pool[i] for i in picks]
+        if kind == "add":
+            index.add(batch)
+            present.update(batch)
+        else:
+            index.remove(batch)
+            present.difference_update(batch)
+        assert len(index) == len(present)
+        for max_distance in scenario.distances:
+            assert index.search(queries, max_distance) == brute_force(present, queries, max_distance)
+    for h in scenario.pool:
+        assert (h in index) == (h in present)
+    index.merge()
+    assert sorted(c.tobytes().hex() for c in index.live_codes()) == sorted(present)
+    assert index.search(queries, 40) == brute_force(present, queries, 40)
+
+
+def test_segmented_updates_during_a_background_merge_are_kept() -> None:
+    rng = random.Random(5)
+    first = [f"{rng.getrandbits(256):064x}" for _ in range(3000)]
+    later = [f"{rng.getrandbits(256):064x}" for _ in range(500)]
+    index = SegmentedPdqIndex(PDQ, fresh_limit=10**9)
+    index.add(first)
+    index.merge(wait=False)  # builds in the background while we keep changing things
+    index.add(later)
+    index.remove(first[:100] + later[:50])
+    index.add(first[:10])
+    index.merge()  # waits for the merge under way
+    index.merge()  # folds what arrived meanwhile
+    expected = (set(first) - set(first[10:100])) | (set(later) - set(later[:50]))
+    assert len(index) == len(expected)
+    assert index.merges == 2
+    probe = first[:120] + later[:60]
+    assert index.search(probe, 0) == brute_force(expected, probe, 0)
+
+
+def test_segmented_index_starts_from_codes_and_removes_from_the_large_segment() -> None:
+    rng = random.Random(8)
+    hashes = sorted({f"{rng.getrandbits(256):064x}" for _ in range(2000)})
+    codes = np.frombuffer(bytes.fromhex("".join(hashes)), dtype=np.uint8).reshape(-1, 32)
+    index = SegmentedPdqIndex(PDQ, codes)
+    assert len(index) == 2000
+    index.remove(hashes[:5])
+    assert all(h not in index for h in hashes[:5])
+    assert index.search(hashes[:6], 0) == [[], [], [], [], [], [(hashes[5], 0)]]
+    index.add(hashes[:1])
+    assert index.search(hashes[:1], 0) == [[(hashes[0], 0)]]
+    assert len(index) == 1996

@@ -14,6 +14,7 @@ from aiohttp import web
 from ..config import HubConfig
 from ..httpsig import ReplayGuard
 from ..node import Node
+from ..sync.peering import Peering
 from .problems import MAX_BODY, problem_middleware
 
 T = TypeVar("T")
@@ -34,6 +35,8 @@ class HubRuntime:
         default_factory=lambda: ThreadPoolExecutor(max_workers=4, thread_name_prefix="hashfed-reader")
     )
     ready: bool = False
+    peering: Peering | None = None
+    """Background mirroring of the peers named in hub.toml (None: no peers)."""
 
     async def read(self, fn: Callable[[], T]) -> T:
         """Run store reads and index searches off the event loop."""
@@ -52,14 +55,22 @@ def create_app(node: Node, config: HubConfig) -> web.Application:
 
     app = web.Application(middlewares=[problem_middleware], client_max_size=config.max_body_bytes)
     runtime = HubRuntime(node, config)
+    if config.peers:  # member keys are read now: a bad peer configuration stops the start
+        runtime.peering = Peering(node, config.peers)
     app[RUNTIME] = runtime
     app[MAX_BODY] = config.max_body_bytes
     add_routes(app)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         loader = asyncio.create_task(_load(runtime))
+        if runtime.peering is not None:
+            await runtime.peering.start()
         yield
         loader.cancel()
+        if runtime.peering is not None:
+            await runtime.peering.stop()
+        if runtime.ready:
+            await runtime.read(node.indexes.snapshot_all)
         runtime.writer.shutdown(wait=True)
         runtime.readers.shutdown(wait=True)
         node.store.close()

@@ -12,7 +12,7 @@ from aiohttp import web
 from .. import __version__
 from ..envelope import Envelope, EnvelopeError, strict_json
 from ..merkle import ProofError
-from ..node import Match, UnknownCollection
+from ..node import NoCheckpointYet, UnknownCollection
 from ..signals import (
     PDQ_DEFAULT_MAX_DISTANCE,
     PDQ_MAX_DISTANCE_LIMIT,
@@ -22,6 +22,7 @@ from ..signals import (
     signal_type,
 )
 from ..state import Refusal
+from ..sync.wire import match_json, source_json
 from .app import RUNTIME, HubRuntime
 from .auth import Caller, authenticate, raw_query
 from .problems import Problem
@@ -60,6 +61,25 @@ async def _collection(request: web.Request) -> str:
     return collection
 
 
+async def _require_read(request: web.Request, caller: Caller, collection: str) -> None:
+    """Read right on a collection; a mirrored one is readable by whoever may read an own collection.
+
+    A peering hub shares what it mirrors with its own members (they look it
+    up with the hub's own collections); members of the origin log, whose keys
+    the mirrored membership entries hold, may read it too.
+    """
+    if caller.may(collection, "read"):
+        return
+    runtime = _runtime(request)
+    node = runtime.node
+    sources = await runtime.read(node.sources)
+    if collection in sources:
+        own = await runtime.read(node.own_collections)
+        if any(caller.may(c, "read") for c in own):
+            return
+    caller.require(collection, "read")
+
+
 def _int_param(request: web.Request, name: str, default: int | None = None) -> int:
     text = request.query.get(name)
     if text is None:
@@ -95,7 +115,7 @@ async def ready(request: web.Request) -> web.Response:
 async def hub_info(request: web.Request) -> web.Response:
     runtime = _runtime(request)
     node = runtime.node
-    collections = await runtime.read(node.collections)
+    collections = await runtime.read(node.own_collections)
     return web.json_response(
         {
             "name": node.name,
@@ -141,7 +161,7 @@ async def get_entries(request: web.Request) -> web.StreamResponse:
     runtime = _runtime(request)
     collection = await _collection(request)
     caller = await _caller(request)
-    caller.require(collection, "read")
+    await _require_read(request, caller, collection)
     start = _int_param(request, "start", 0)
     if NDJSON in request.headers.get("Accept", ""):
         return await _stream_entries(request, runtime, collection, start, request.query.get("limit"))
@@ -176,7 +196,10 @@ async def _stream_entries(
 async def get_checkpoint(request: web.Request) -> web.Response:
     runtime = _runtime(request)
     collection = await _collection(request)
-    note = await runtime.read(lambda: runtime.node.checkpoint(collection))
+    try:
+        note = await runtime.read(lambda: runtime.node.checkpoint(collection))
+    except NoCheckpointYet as exc:
+        raise Problem(503, "not-ready", str(exc)) from exc
     return web.Response(text=note, content_type="text/plain", charset="utf-8")
 
 
@@ -184,7 +207,7 @@ async def inclusion_proof(request: web.Request) -> web.Response:
     runtime = _runtime(request)
     collection = await _collection(request)
     caller = await _caller(request)
-    caller.require(collection, "read")
+    await _require_read(request, caller, collection)
     index, size = _int_param(request, "index"), _int_param(request, "size")
     try:
         hashes = await runtime.read(lambda: runtime.node.inclusion_proof(collection, index, size))
@@ -197,7 +220,7 @@ async def consistency_proof(request: web.Request) -> web.Response:
     runtime = _runtime(request)
     collection = await _collection(request)
     caller = await _caller(request)
-    caller.require(collection, "read")
+    await _require_read(request, caller, collection)
     old, new = _int_param(request, "old"), _int_param(request, "new")
     try:
         hashes = await runtime.read(lambda: runtime.node.consistency_proof(collection, old, new))
@@ -253,19 +276,6 @@ def _parse_lookup(obj: Any, max_queries: int) -> tuple[list[tuple[SignalType, st
     return queries, max_distance, collections
 
 
-def _match_json(match: Match) -> dict[str, Any]:
-    return {
-        "collection": match.collection,
-        "type": match.signal,
-        "hash": match.hash,
-        "distance": match.distance,
-        "submitters": list(match.submitters),
-        "labels": list(match.labels),
-        "first_index": match.first_index,
-        "opinions": {"positive": match.positive, "negative": match.negative},
-    }
-
-
 async def lookup(request: web.Request) -> web.Response:
     runtime = _runtime(request)
     body = await request.read()
@@ -274,20 +284,53 @@ async def lookup(request: web.Request) -> web.Response:
         lambda: _parse_lookup(_json_body(body, "lookup body"), runtime.config.max_queries)
     )
     existing = await runtime.read(runtime.node.collections)
+    sources = await runtime.read(runtime.node.sources)
+    # Mirrored collections (from peers) are searched too; their matches say which hub they come from.
+    reads_own = any(caller.may(c, "read") for c in existing if c not in sources)
+
+    def readable(name: str) -> bool:
+        return caller.may(name, "read") or (name in sources and reads_own)
+
     if asked is None:
-        collections = [c for c in existing if caller.may(c, "read")]
+        collections = [c for c in existing if readable(c)]
         if not collections:
             raise Problem(403, "missing-right", f"key {caller.key_id} may read no collection on this hub")
     else:
         for name in asked:
             if name not in existing:
                 raise Problem(404, "unknown-collection", f"no collection named {name!r} on this hub")
-            caller.require(name, "read")
+            if not readable(name):
+                caller.require(name, "read")
         collections = list(dict.fromkeys(asked))
     results = await runtime.read(lambda: runtime.node.lookup(collections, queries, max_distance))
     return web.json_response(
-        {"results": [{"matches": [_match_json(m) for m in matches]} for matches in results]}
+        {
+            "results": [
+                {"matches": [match_json(m, sources.get(m.collection)) for m in matches]}
+                for matches in results
+            ]
+        }
     )
+
+
+async def peers(request: web.Request) -> web.Response:
+    """Each peer's mirrored collections: state, last verified checkpoint, lag, last error."""
+    peering = _runtime(request).peering
+    return web.json_response({"peers": peering.status() if peering is not None else []})
+
+
+async def sources(request: web.Request) -> web.Response:
+    """Every mirrored collection with the latest checkpoint verified of it, and any fork evidence."""
+    runtime = _runtime(request)
+    store = runtime.node.store
+
+    def read() -> list[dict[str, Any]]:
+        return [
+            source_json(record, store.log_size(record.name), store.evidence(record.name))
+            for record in store.sources()
+        ]
+
+    return web.json_response({"sources": await runtime.read(read)})
 
 
 def add_routes(app: web.Application) -> None:
@@ -300,3 +343,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/collections/{collection}/proof/inclusion", inclusion_proof)
     app.router.add_get("/v1/collections/{collection}/proof/consistency", consistency_proof)
     app.router.add_post("/v1/lookup", lookup)
+    app.router.add_get("/v1/peers", peers)
+    app.router.add_get("/v1/sources", sources)

@@ -22,6 +22,7 @@ def open_node(data: DataDir) -> Node:
         hub_key=signer.verifier,
         signer=signer,
         limits=config.limits,
+        index_dir=data.index_dir,
     )
 
 

@@ -54,13 +54,15 @@ class SearchIndex(Protocol):
 
 
 def new_index(signal: SignalType) -> SearchIndex:
-    """The engine suited to a signal type: FAISS for perceptual, a set for exact."""
+    """The engine suited to a signal type: segmented MIH + FAISS for PDQ, a set for exact."""
     if signal.exact:
         return ExactIndex(signal)
-    return FaissBinaryIndex(signal)
+    from .segmented import SegmentedPdqIndex
+
+    return SegmentedPdqIndex(signal)
 
 
-def _decode(signal: SignalType, hashes: Sequence[str]) -> bytes:
+def decode_hashes(signal: SignalType, hashes: Sequence[str]) -> bytes:
     """Concatenated raw bytes of a batch of hex hashes, decoded in one call.
 
     Lengths are checked first so that one malformed hash cannot shift the
@@ -86,7 +88,7 @@ def _key(signal: SignalType, hash_hex: object) -> bytes | None:
         return None
 
 
-def _check_max_distance(signal: SignalType, max_distance: int) -> None:
+def check_max_distance(signal: SignalType, max_distance: int) -> None:
     if (
         isinstance(max_distance, bool)
         or not isinstance(max_distance, int)
@@ -127,7 +129,7 @@ class FaissBinaryIndex:
         return self._stored
 
     def add(self, hashes: Sequence[str]) -> None:
-        raw = _decode(self.signal, hashes)
+        raw = decode_hashes(self.signal, hashes)
         width = self._width
         with self._lock:
             fresh: dict[bytes, int] = {}
@@ -149,7 +151,7 @@ class FaissBinaryIndex:
             self._stored = end
 
     def remove(self, hashes: Sequence[str]) -> None:
-        raw = _decode(self.signal, hashes)
+        raw = decode_hashes(self.signal, hashes)
         width = self._width
         with self._lock:
             for row in range(len(hashes)):
@@ -161,8 +163,8 @@ class FaissBinaryIndex:
                 self._compact()
 
     def search(self, queries: Sequence[str], max_distance: int) -> list[list[Match]]:
-        _check_max_distance(self.signal, max_distance)
-        raw = _decode(self.signal, queries)
+        check_max_distance(self.signal, max_distance)
+        raw = decode_hashes(self.signal, queries)
         if not queries:
             return []
         batch = np.frombuffer(raw, dtype=np.uint8).reshape(-1, self._width)
@@ -191,6 +193,11 @@ class FaissBinaryIndex:
     def __contains__(self, hash_hex: object) -> bool:
         key = _key(self.signal, hash_hex)
         return key is not None and key in self._ids
+
+    def codes(self) -> Codes:
+        """A copy of the live codes, ``uint8[n, bytes]``."""
+        with self._lock:
+            return self._codes[: self._stored][~self._deleted[: self._stored]].copy()
 
     def _reserve(self, size: int) -> None:
         """Grow the code and bitmap arrays geometrically so adds stay amortised O(1)."""
@@ -258,6 +265,6 @@ class ExactIndex:
         return key is not None and key in self._present
 
     def _keys(self, hashes: Sequence[str]) -> list[bytes]:
-        raw = _decode(self.signal, hashes)
+        raw = decode_hashes(self.signal, hashes)
         width = self.signal.byte_length
         return [raw[row * width : (row + 1) * width] for row in range(len(hashes))]

@@ -7,17 +7,33 @@ reflects; :meth:`IndexCatalog.catch_up` applies the changes recorded since
 then. Ingest calls it before acknowledging, so an acknowledged hash is
 searchable; lookups call it too, so entries written by another process (a CLI
 command, another replica) become visible without a restart.
+
+Snapshots make restarts fast: the live PDQ codes of a collection are saved
+with the log position they reflect (after each merge of the large segment,
+after a build from the store, and on shutdown). A restart loads the snapshot
+and replays only the listing changes recorded since that position.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
 
-from ..signals import SIGNAL_TYPES, SignalType
+import numpy as np
+
+from ..signals import PDQ, SIGNAL_TYPES, SignalType
 from ..store.base import HubStore
 from .engines import SearchIndex, new_index
+from .segmented import Codes, SegmentedPdqIndex
+
+SNAPSHOT_FORMAT = 1
+log = logging.getLogger("hashfed.index")
 
 
 @dataclass
@@ -26,23 +42,125 @@ class _CollectionIndexes:
     by_signal: dict[str, SearchIndex]
 
 
+class SnapshotFiles:
+    """``<dir>/<collection>.pdq.npy`` (sorted live codes) and ``.json`` (the position they reflect)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def _paths(self, collection: str) -> tuple[Path, Path]:
+        stem = quote(collection, safe="")
+        return self.directory / f"{stem}.pdq.npy", self.directory / f"{stem}.pdq.json"
+
+    def save(self, collection: str, position: int, codes: Codes) -> None:
+        codes_path, meta_path = self._paths(collection)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for path, write in (
+            (codes_path, lambda handle: np.save(handle, codes, allow_pickle=False)),
+            (
+                meta_path,
+                lambda handle: handle.write(
+                    json.dumps(
+                        {"format": SNAPSHOT_FORMAT, "position": position, "count": len(codes)}
+                    ).encode()
+                ),
+            ),
+        ):
+            tmp = path.with_name(path.name + ".tmp")
+            with open(tmp, "wb") as handle:
+                write(handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+
+    def load(self, collection: str) -> tuple[int, Codes] | None:
+        """The snapshot of a collection, or None if there is none or it is unusable."""
+        codes_path, meta_path = self._paths(collection)
+        try:
+            meta = json.loads(meta_path.read_text())
+            codes = np.load(codes_path, allow_pickle=False)
+        except (OSError, ValueError):
+            return None
+        if (
+            meta.get("format") != SNAPSHOT_FORMAT
+            or codes.dtype != np.uint8
+            or codes.ndim != 2
+            or codes.shape[1] != 32
+            or len(codes) != meta.get("count")
+        ):
+            log.warning("ignoring the unusable index snapshot of %s", collection)
+            return None
+        return int(meta["position"]), codes
+
+
 class IndexCatalog:
-    def __init__(self, store: HubStore) -> None:
+    def __init__(self, store: HubStore, snapshot_dir: Path | None = None) -> None:
         self._store = store
+        self._snapshots = SnapshotFiles(snapshot_dir) if snapshot_dir is not None else None
         self._collections: dict[str, _CollectionIndexes] = {}
         self._lock = threading.Lock()
 
     def _build(self, collection: str) -> _CollectionIndexes:
+        snapshot = self._snapshots.load(collection) if self._snapshots else None
+        size = self._store.log_size(collection)
+        if snapshot is not None and snapshot[0] <= size:
+            position, codes = snapshot
+            by_signal: dict[str, SearchIndex] = {PDQ.name: self._pdq_index(collection, codes)}
+            for name, signal in SIGNAL_TYPES.items():
+                if signal is not PDQ:
+                    by_signal[name] = self._exact_index(signal, collection)
+            built = _CollectionIndexes(position, by_signal)
+            self._apply_changes(collection, built)
+            return built
         listed, position = self._store.listed(collection)
         grouped: dict[str, list[str]] = {name: [] for name in SIGNAL_TYPES}
         for signal_name, hash_hex in listed:
             grouped[signal_name].append(hash_hex)
-        by_signal = {}
+        raw = bytes.fromhex("".join(grouped[PDQ.name]))
+        codes = np.frombuffer(raw, dtype=np.uint8).reshape(-1, 32)
+        by_signal = {PDQ.name: self._pdq_index(collection, codes)}
         for name, signal in SIGNAL_TYPES.items():
-            index = new_index(signal)
-            index.add(grouped[name])
-            by_signal[name] = index
-        return _CollectionIndexes(position, by_signal)
+            if signal is not PDQ:
+                index = new_index(signal)
+                index.add(grouped[name])
+                by_signal[name] = index
+        built = _CollectionIndexes(position, by_signal)
+        if self._snapshots is not None and len(codes):
+            self._snapshots.save(collection, position, codes)
+        return built
+
+    def _exact_index(self, signal: SignalType, collection: str) -> SearchIndex:
+        """Exact-type hashes as listed now (they are not in the PDQ snapshot).
+
+        Replaying the changes since the snapshot's older position onto this
+        newer state is harmless: each change sets a hash's presence outright,
+        so the last change per hash, which the state already reflects, wins.
+        """
+        index = new_index(signal)
+        listed, _ = self._store.listed(collection, signal.name)
+        index.add([hash_hex for _, hash_hex in listed])
+        return index
+
+    def _pdq_index(self, collection: str, codes: Codes) -> SegmentedPdqIndex:
+        index = SegmentedPdqIndex(PDQ, codes)
+        index.on_merged = lambda: self._snapshot_in_background(collection)
+        return index
+
+    def _apply_changes(self, collection: str, current: _CollectionIndexes) -> None:
+        """Apply the listing changes since ``current.position`` (lock held)."""
+        changes, size = self._store.changes_since(collection, current.position)
+        run: list[str] = []
+        for position, change in enumerate(changes):
+            run.append(change.hash)
+            following = changes[position + 1] if position + 1 < len(changes) else None
+            if following is None or (following.signal, following.listed) != (change.signal, change.listed):
+                index = current.by_signal[change.signal]
+                if change.listed:
+                    index.add(run)
+                else:
+                    index.remove(run)
+                run = []
+        current.position = size
 
     def catch_up(self, collection: str) -> int:
         """Bring one collection's indexes up to the log; return the position reached."""
@@ -51,22 +169,37 @@ class IndexCatalog:
             if current is None:
                 current = self._collections[collection] = self._build(collection)
                 return current.position
-            if self._store.log_size(collection) == current.position:
-                return current.position
-            changes, size = self._store.changes_since(collection, current.position)
-            run: list[str] = []
-            for position, change in enumerate(changes):
-                run.append(change.hash)
-                following = changes[position + 1] if position + 1 < len(changes) else None
-                if following is None or (following.signal, following.listed) != (
-                    change.signal,
-                    change.listed,
-                ):
-                    index = current.by_signal[change.signal]
-                    index.add(run) if change.listed else index.remove(run)
-                    run = []
-            current.position = size
-            return size
+            if self._store.log_size(collection) != current.position:
+                self._apply_changes(collection, current)
+            return current.position
+
+    def snapshot(self, collection: str) -> None:
+        """Save the collection's PDQ codes with the log position they reflect."""
+        if self._snapshots is None:
+            return
+        with self._lock:
+            current = self._collections.get(collection)
+            if current is None:
+                return
+            index = current.by_signal[PDQ.name]
+            assert isinstance(index, SegmentedPdqIndex)
+            position, codes = current.position, index.live_codes()
+        self._snapshots.save(collection, position, codes)
+
+    def snapshot_all(self) -> None:
+        with self._lock:
+            collections = list(self._collections)
+        for collection in collections:
+            self.snapshot(collection)
+
+    def _snapshot_in_background(self, collection: str) -> None:
+        def run() -> None:
+            try:
+                self.snapshot(collection)
+            except OSError:
+                log.exception("saving the index snapshot of %s failed", collection)
+
+        threading.Thread(target=run, name="hashfed-snapshot", daemon=True).start()
 
     def forget(self, collection: str) -> None:
         """Drop a collection's indexes; the next catch-up builds them afresh."""

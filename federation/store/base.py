@@ -38,6 +38,32 @@ class ListingDetail:
     negative: int
 
 
+@dataclass(frozen=True)
+class SourceRecord:
+    """A collection mirrored from another hub: where its log comes from and how far it is verified.
+
+    The local log of a source is always a proven prefix of ``target``; once it
+    has reached ``target``'s size (and matched its root), ``checkpoint`` is
+    that note. Both are the origin hub's own signed notes, kept verbatim so
+    they can be served to others and used as evidence.
+    """
+
+    name: str
+    """The local collection name, ``<origin hub>:<origin collection>``."""
+    hub: str
+    collection: str
+    """The collection's name at its origin hub."""
+    key: str
+    """The origin hub's verifier key, pinned by configuration."""
+    federation: str
+    url: str
+    """Where the log is pulled from: the origin hub or a hub that relays it."""
+    checkpoint: str | None = None
+    target: str | None = None
+    forked: bool = False
+    """Set with the first fork evidence: nothing more is applied from this source."""
+
+
 class CollectionTxn(Projection, Protocol):
     """One write transaction on one collection: append to its log and update its projection."""
 
@@ -60,6 +86,13 @@ class HubStore(Protocol):
     def keys(self, collection: str) -> list[KeyRecord]: ...
     def key_memberships(self, key_id: str) -> list[tuple[str, KeyRecord]]: ...
     def changes_since(self, collection: str, position: int) -> tuple[list[ListingChange], int]: ...
-    def listed(self, collection: str) -> tuple[list[tuple[str, str]], int]: ...
+    def listed(self, collection: str, signal: str | None = None) -> tuple[list[tuple[str, str]], int]: ...
     def details(self, collection: str, signal: str, hashes: Sequence[str]) -> dict[str, ListingDetail]: ...
     def close(self) -> None: ...
+
+    # ---- mirrored collections (federation.sync) ----
+    def sources(self) -> list[SourceRecord]: ...
+    def source(self, name: str) -> SourceRecord | None: ...
+    def write_source(self, record: SourceRecord) -> AbstractContextManager[CollectionTxn]: ...
+    def add_evidence(self, name: str, detected: str, body: str) -> None: ...
+    def evidence(self, name: str) -> list[str]: ...

@@ -18,7 +18,7 @@ from pathlib import Path
 from ..keys import VerifierKey
 from ..merkle import HashKey, append_keys, hashes_to_store, leaf_hash
 from ..state import KeyRecord, ListingChange
-from .base import EntryRecord, ListingDetail, StoreError
+from .base import EntryRecord, ListingDetail, SourceRecord, StoreError
 
 SCHEMA_VERSION = 1
 PROJECTION_TABLES = ("keys", "seqs", "listings", "opinions", "changes")
@@ -63,7 +63,20 @@ CREATE TABLE IF NOT EXISTS changes (
     type TEXT NOT NULL, hash TEXT NOT NULL, listed INTEGER NOT NULL,
     PRIMARY KEY (collection, idx, ordinal)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS sources (
+    name TEXT PRIMARY KEY, hub TEXT NOT NULL, origin_collection TEXT NOT NULL, key TEXT NOT NULL,
+    federation TEXT NOT NULL, url TEXT NOT NULL, checkpoint TEXT, target TEXT,
+    forked INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS evidence (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, source TEXT NOT NULL, detected TEXT NOT NULL, body TEXT NOT NULL
+);
 """
+"""Tables ``sources`` and ``evidence`` (mirrored collections, federation.sync) were added
+after version 1 without changing it: ``CREATE TABLE IF NOT EXISTS`` adds them to an
+older file on open, and nothing that reads version 1 needs them."""
+
+_SOURCE_COLUMNS = "name, hub, origin_collection, key, federation, url, checkpoint, target, forked"
 
 
 def _read_tree(conn: sqlite3.Connection, collection: str, keys: Sequence[HashKey]) -> list[bytes]:
@@ -89,6 +102,11 @@ def _read_tree(conn: sqlite3.Connection, collection: str, keys: Sequence[HashKey
 def _key_record(row: tuple[str, str, int, int | None]) -> KeyRecord:
     key_text, rights, granted, revoked = row
     return KeyRecord(VerifierKey.parse(key_text), frozenset(json.loads(rights)), granted, revoked)
+
+
+def _source_record(row: tuple[str, str, str, str, str, str, str | None, str | None, int]) -> SourceRecord:
+    name, hub, collection, key, federation, url, checkpoint, target, forked = row
+    return SourceRecord(name, hub, collection, key, federation, url, checkpoint, target, bool(forked))
 
 
 class SqliteTxn:
@@ -383,14 +401,21 @@ class SqliteStore:
             ).fetchall()
         return [ListingChange(int(i), t, h, bool(listed)) for i, t, h, listed in rows], size
 
-    def listed(self, collection: str) -> tuple[list[tuple[str, str]], int]:
+    def listed(self, collection: str, signal: str | None = None) -> tuple[list[tuple[str, str]], int]:
+        """Every listed (type, hash) of a collection, or of one type, and the log size they reflect."""
         with self._read() as conn:
             size = int(
                 conn.execute("SELECT size FROM collections WHERE name = ?", (collection,)).fetchone()[0]
             )
-            rows = conn.execute(
-                "SELECT DISTINCT type, hash FROM listings WHERE collection = ?", (collection,)
-            ).fetchall()
+            if signal is None:
+                rows = conn.execute(
+                    "SELECT DISTINCT type, hash FROM listings WHERE collection = ?", (collection,)
+                ).fetchall()
+            else:
+                rows = conn.execute(
+                    "SELECT DISTINCT type, hash FROM listings WHERE collection = ? AND type = ?",
+                    (collection, signal),
+                ).fetchall()
         return [(t, h) for t, h in rows], size
 
     def details(self, collection: str, signal: str, hashes: Sequence[str]) -> dict[str, ListingDetail]:
@@ -426,3 +451,85 @@ class SqliteStore:
                         negative=opinion.get("negative", 0),
                     )
         return result
+
+    # ---- mirrored collections ---------------------------------------------
+
+    def sources(self) -> list[SourceRecord]:
+        rows = self._conn().execute(f"SELECT {_SOURCE_COLUMNS} FROM sources ORDER BY name").fetchall()
+        return [_source_record(row) for row in rows]
+
+    def source(self, name: str) -> SourceRecord | None:
+        row = (
+            self._conn().execute(f"SELECT {_SOURCE_COLUMNS} FROM sources WHERE name = ?", (name,)).fetchone()
+        )
+        return _source_record(row) if row else None
+
+    @contextmanager
+    def write_source(self, record: SourceRecord) -> Iterator[SqliteTxn]:
+        """A write transaction on a mirrored collection that also records ``record``.
+
+        The collection and its source row are created by the first such
+        transaction, and the source row (its checkpoints) is written in the
+        same transaction as the entries: if the block raises, neither the
+        entries nor the new checkpoints are kept.
+        """
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            row = conn.execute(
+                f"SELECT {_SOURCE_COLUMNS} FROM sources WHERE name = ?", (record.name,)
+            ).fetchone()
+            if row is not None:
+                existing = _source_record(row)
+                identity = (existing.hub, existing.collection, existing.key, existing.federation)
+                if identity != (record.hub, record.collection, record.key, record.federation):
+                    raise StoreError(f"source {record.name} is already recorded with another origin or key")
+                if existing.forked:
+                    raise StoreError(f"source {record.name} is stopped: fork evidence was recorded for it")
+            elif conn.execute("SELECT 1 FROM collections WHERE name = ?", (record.name,)).fetchone():
+                raise StoreError(f"collection {record.name} exists and is not a mirrored collection")
+            else:
+                conn.execute("INSERT INTO collections (name) VALUES (?)", (record.name,))
+            conn.execute(
+                f"INSERT INTO sources ({_SOURCE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0) "
+                "ON CONFLICT (name) DO UPDATE SET url = excluded.url, checkpoint = excluded.checkpoint, "
+                "target = excluded.target",
+                (
+                    record.name,
+                    record.hub,
+                    record.collection,
+                    record.key,
+                    record.federation,
+                    record.url,
+                    record.checkpoint,
+                    record.target,
+                ),
+            )
+            size = int(
+                conn.execute("SELECT size FROM collections WHERE name = ?", (record.name,)).fetchone()[0]
+            )
+            yield SqliteTxn(conn, record.name, size)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def add_evidence(self, name: str, detected: str, body: str) -> None:
+        """Keep fork evidence for a source and stop it, in one transaction."""
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            updated = conn.execute("UPDATE sources SET forked = 1 WHERE name = ?", (name,)).rowcount
+            if not updated:
+                raise StoreError(f"no mirrored collection named {name}")
+            conn.execute(
+                "INSERT INTO evidence (source, detected, body) VALUES (?, ?, ?)", (name, detected, body)
+            )
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def evidence(self, name: str) -> list[str]:
+        rows = self._conn().execute("SELECT body FROM evidence WHERE source = ? ORDER BY id", (name,))
+        return [str(row[0]) for row in rows]

@@ -1,0 +1,285 @@
+"""End-to-end benchmark of a hub over HTTP: ingest, restart, lookups, visibility.
+
+    python -m benchmarks.bench_hub --size 100000               # quick
+    python -m benchmarks.bench_hub --size 10000000 --write-docs  # the coalition-scale run
+
+Builds a hub data directory holding ``--size`` PDQ hashes (the synthetic
+corpus of :mod:`benchmarks.corpus`, ingested through the hub's own write path
+in signed batches of 100,000), then serves it with ``hashfed serve`` in a
+separate process and measures, on loopback:
+
+* cold restart to ready (index loaded from its snapshot, tail replayed);
+* lookups/s through ``POST /v1/lookup`` with batches of 1,000 queries;
+* lookups/s and p50/p99 latency of single-hash requests from 32 concurrent clients;
+* how long after an acknowledged submission a new hash is found, while a
+  merge of the large index segment runs;
+* the hub process's resident memory (current and peak).
+
+The load generator runs in this process; the hub in its own. Both share the
+machine's cores, so the figures are a floor, not a ceiling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.corpus import make_corpus, make_queries
+from federation.admin import change_membership, init_hub
+from federation.client import HubClient
+from federation.config import DataDir
+from federation.envelope import BATCH_TYPE, Addition, Grant, Header, batch_payload, sign_envelope, utc_now
+from federation.hub import open_node
+from federation.keys import SignerKey
+
+COLLECTION = "bench"
+BATCH = 100_000
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+START, END = "<!-- bench_hub:start -->", "<!-- bench_hub:end -->"
+
+
+def hexes(codes: np.ndarray) -> list[str]:
+    raw = np.ascontiguousarray(codes).view(np.uint8).reshape(-1, 32)
+    return [row.tobytes().hex() for row in raw]
+
+
+def build_hub(directory: Path, size: int, corpus: str, member: SignerKey) -> tuple[DataDir, float]:
+    """A hub data dir with ``size`` PDQ hashes, ingested through Node.submit; returns seconds taken."""
+    data = DataDir(directory)
+    init_hub(directory, name="bench-hub", federation="bench", collection=COLLECTION)
+    change_membership(data, COLLECTION, grant=[Grant(member.verifier, frozenset({"read", "write"}))])
+    codes = make_corpus(corpus, size, seed=1)  # type: ignore[arg-type]
+    node = open_node(data)
+    started = time.perf_counter()
+    for seq, begin in enumerate(range(0, size, BATCH), start=1):
+        chunk = sorted(set(hexes(codes[begin : begin + BATCH])))
+        header = Header("bench", COLLECTION, seq, utc_now())
+        payload = batch_payload(header, member.name, [Addition("pdq", h) for h in chunk])
+        node.submit(COLLECTION, sign_envelope(member, BATCH_TYPE, payload))
+        done = min(begin + BATCH, size)
+        rate = done / (time.perf_counter() - started)
+        print(f"  ingested {done:,}/{size:,} ({rate:,.0f} hashes/s)", file=sys.stderr)
+    took = time.perf_counter() - started
+    node.load()
+    node.indexes.snapshot_all()
+    node.store.close()
+    return data, took
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def serving(data: DataDir, port: int) -> Iterator[subprocess.Popen[bytes]]:
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "federation",
+            "serve",
+            str(data.path),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield process
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+async def wait_ready(url: str, timeout: float = 600) -> float:
+    started = time.perf_counter()
+    async with HubClient(url, retries=0) as client:
+        while time.perf_counter() - started < timeout:
+            if await client.ready():
+                return time.perf_counter() - started
+            await asyncio.sleep(0.05)
+    raise TimeoutError("the hub did not become ready")
+
+
+def memory_of(pid: int) -> tuple[int, int]:
+    """(VmRSS, VmHWM) of a process in bytes."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = int(value.split()[0]) * 1024
+    return fields["VmRSS"], fields["VmHWM"]
+
+
+@dataclass
+class LoadResult:
+    requests: int
+    queries: int
+    seconds: float
+    latencies: list[float]
+    errors: int
+
+    @property
+    def rate(self) -> float:
+        return self.queries / self.seconds
+
+    def percentile(self, p: float) -> float:
+        return float(np.percentile(self.latencies, p) * 1000) if self.latencies else float("nan")
+
+
+async def drive(
+    url: str, member: SignerKey, queries: list[str], batch: int, clients: int, seconds: float
+) -> LoadResult:
+    """``clients`` concurrent loops of lookups of ``batch`` queries each, for ``seconds``."""
+    latencies: list[float] = []
+    counts = {"requests": 0, "queries": 0, "errors": 0}
+    deadline = time.perf_counter() + seconds
+
+    async def loop(worker: int, client: HubClient) -> None:
+        position = worker * batch
+        while time.perf_counter() < deadline:
+            chunk = [("pdq", queries[(position + i) % len(queries)]) for i in range(batch)]
+            position += batch * clients
+            began = time.perf_counter()
+            try:
+                await client.lookup(chunk)
+            except Exception:
+                counts["errors"] += 1
+                continue
+            latencies.append(time.perf_counter() - began)
+            counts["requests"] += 1
+            counts["queries"] += batch
+
+    clients_made = [HubClient(url, member, retries=0) for _ in range(clients)]
+    started = time.perf_counter()
+    try:
+        await asyncio.gather(*(loop(i, c) for i, c in enumerate(clients_made)))
+    finally:
+        for client in clients_made:
+            await client.close()
+    return LoadResult(
+        counts["requests"], counts["queries"], time.perf_counter() - started, latencies, counts["errors"]
+    )
+
+
+async def visibility_during_merge(url: str, member: SignerKey, rounds: int = 5) -> list[float]:
+    """Seconds from an acknowledged submission to the first lookup that finds it, while merges run."""
+    rng = np.random.default_rng(99)
+    delays = []
+    async with HubClient(url, member, retries=0) as client:
+        for _ in range(rounds):
+            # 40,000 new hashes overflow the fresh segment and start a background merge.
+            flood = hexes(rng.integers(0, 2**63, size=(40_000, 4), dtype=np.uint64))
+            await client.submit(COLLECTION, [Addition("pdq", h) for h in flood])
+            probe = hexes(rng.integers(0, 2**63, size=(1, 4), dtype=np.uint64))[0]
+            await client.submit(COLLECTION, [Addition("pdq", probe)])
+            acknowledged = time.perf_counter()
+            while not (await client.lookup([("pdq", probe)], max_distance=0))[0]:
+                await asyncio.sleep(0.001)
+            delays.append(time.perf_counter() - acknowledged)
+    return delays
+
+
+async def measure(
+    data: DataDir, member: SignerKey, size: int, corpus: str, seconds: float
+) -> dict[str, object]:
+    codes = make_corpus(corpus, size, seed=1)  # type: ignore[arg-type]
+    queries = hexes(make_queries(corpus, codes, 20_000, seed=2).codes)  # type: ignore[arg-type]
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    figures: dict[str, object] = {}
+    with serving(data, port) as process:
+        figures["ready_s"] = await wait_ready(url)
+        batched = await drive(url, member, queries, 1000, 2, seconds)
+        single = await drive(url, member, queries, 1, 32, seconds)
+        figures["batched"] = batched
+        figures["single"] = single
+        figures["visible_s"] = await visibility_during_merge(url, member)
+        figures["rss"], figures["hwm"] = memory_of(process.pid)
+    return figures
+
+
+def report(size: int, corpus: str, ingest_s: float, figures: dict[str, object], command: str) -> str:
+    batched = figures["batched"]
+    single = figures["single"]
+    assert isinstance(batched, LoadResult) and isinstance(single, LoadResult)
+    visible = figures["visible_s"]
+    assert isinstance(visible, list)
+    rss, hwm = figures["rss"], figures["hwm"]
+    assert isinstance(rss, int) and isinstance(hwm, int)
+    lines = [
+        f"### Hub over HTTP: {size:,} PDQ hashes ({corpus} corpus)",
+        "",
+        f"`{command}` — {datetime.now(UTC):%Y-%m-%d}, {os.cpu_count()} cores, Python {platform.python_version()}; "
+        "load generator and hub share the machine.",
+        "",
+        "| measure | figure |",
+        "|---|---|",
+        f"| ingest through the write path (signed batches of 100,000) | {ingest_s:,.1f} s ({size / ingest_s:,.0f} hashes/s) |",
+        f"| cold restart to ready (snapshot + tail) | {figures['ready_s']:.2f} s |",
+        f"| `POST /v1/lookup`, batches of 1,000, 2 clients | {batched.rate:,.0f} lookups/s, p50 {batched.percentile(50):.0f} ms, p99 {batched.percentile(99):.0f} ms, {batched.errors} errors |",
+        f"| single-hash lookups, 32 concurrent clients | {single.rate:,.0f} lookups/s, p50 {single.percentile(50):.1f} ms, p99 {single.percentile(99):.1f} ms, {single.errors} errors |",
+        f"| new hash visible after its acknowledgement, during merges | max {max(visible) * 1000:.1f} ms over {len(visible)} rounds |",
+        f"| hub resident memory after the run (peak) | {rss / 2**30:.2f} GiB ({hwm / 2**30:.2f} GiB) |",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_docs(section: str) -> None:
+    text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
+    block = f"{START}\n{section}\n{END}"
+    if START in text and END in text:
+        head, rest = text.split(START, 1)
+        _, tail = rest.split(END, 1)
+        text = head + block + tail
+    else:
+        text = text.rstrip("\n") + "\n\n## End to end\n\n" + block + "\n"
+    DOCS.write_text(text)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--size", type=int, default=100_000, help="PDQ hashes in the hub (default 100,000)")
+    parser.add_argument("--corpus", choices=("realistic", "uniform"), default="realistic")
+    parser.add_argument("--seconds", type=float, default=10.0, help="duration of each load phase")
+    parser.add_argument("--dir", type=Path, help="keep the hub data dir here (default: a temporary one)")
+    parser.add_argument("--write-docs", action="store_true", help=f"write the figures into {DOCS.name}")
+    args = parser.parse_args()
+    command = "python -m benchmarks.bench_hub " + " ".join(sys.argv[1:])
+    member = SignerKey.generate("bencher")
+    with tempfile.TemporaryDirectory(prefix="hashfed-bench-") as scratch:
+        directory = args.dir or Path(scratch) / "hub"
+        print(f"building a hub with {args.size:,} hashes in {directory}", file=sys.stderr)
+        data, ingest_s = build_hub(directory, args.size, args.corpus, member)
+        figures = asyncio.run(measure(data, member, args.size, args.corpus, args.seconds))
+    section = report(args.size, args.corpus, ingest_s, figures, command)
+    print(section)
+    if args.write_docs:
+        write_docs(section)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

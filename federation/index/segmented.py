@@ -1,0 +1,214 @@
+"""The PDQ index at scale: a large immutable segment, a fresh segment, a deletion bitmap.
+
+* The **large segment** is a :class:`~federation.index.mih.MihIndex` over the
+  codes sorted as bytes, so the row of a hash is found by binary search and
+  no per-hash Python object is kept (10 million hashes cost arrays, not dicts).
+* The **fresh segment** is a FAISS flat index that takes new hashes at once.
+* The **deletion bitmap** hides removed rows of the large segment; a removed
+  hash that is added again is simply un-hidden.
+
+When the fresh segment grows past a threshold, a **merge** builds a new large
+segment from the live codes in a background thread. Lookups and updates go on
+meanwhile against the old segments; updates made during the merge are recorded
+and replayed onto the new segments when they are swapped in, under the lock,
+so nothing is lost and no lookup ever waits for the build.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from ..signals import PDQ, SignalType
+from .engines import FaissBinaryIndex, Match, check_max_distance, decode_hashes
+from .mih import MihIndex
+
+Codes = npt.NDArray[np.uint8]
+DEFAULT_FRESH_LIMIT = 32_768
+"""Hashes the fresh (flat, linearly scanned) segment takes before a merge starts."""
+
+
+def _as_rows(raw: bytes) -> Codes:
+    return np.frombuffer(raw, dtype=np.uint8).reshape(-1, 32)
+
+
+def sorted_unique(codes: Codes) -> Codes:
+    """Codes sorted as byte strings, without duplicates (the large segment's order)."""
+    if len(codes) == 0:
+        return np.empty((0, 32), dtype=np.uint8)
+    keys = np.unique(np.ascontiguousarray(codes).view("V32").ravel())
+    return keys.view(np.uint8).reshape(-1, 32)
+
+
+@dataclass(frozen=True)
+class _Large:
+    codes: Codes
+    keys: npt.NDArray[np.void]
+    index: MihIndex | None
+
+    @classmethod
+    def build(cls, codes: Codes) -> _Large:
+        ordered = sorted_unique(codes)
+        return cls(ordered, ordered.view("V32").ravel(), MihIndex(ordered) if len(ordered) else None)
+
+    def rows(self, codes: Codes) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.bool_]]:
+        """Row of each code in the segment, and whether it is there at all."""
+        if len(self.keys) == 0:
+            return np.zeros(len(codes), dtype=np.intp), np.zeros(len(codes), dtype=np.bool_)
+        wanted = np.ascontiguousarray(codes).view("V32").ravel()
+        rows = np.minimum(np.searchsorted(self.keys, wanted), len(self.keys) - 1)
+        return rows, self.keys[rows] == wanted
+
+
+class SegmentedPdqIndex:
+    """A :class:`~federation.index.engines.SearchIndex` for PDQ built to hold millions of hashes."""
+
+    def __init__(
+        self,
+        signal: SignalType = PDQ,
+        codes: Codes | None = None,
+        *,
+        fresh_limit: int = DEFAULT_FRESH_LIMIT,
+        background_merge: bool = True,
+        on_merged: Callable[[], None] | None = None,
+    ) -> None:
+        self.signal = signal
+        self.fresh_limit = fresh_limit
+        self.background_merge = background_merge
+        self.on_merged = on_merged
+        self._lock = threading.Lock()
+        self._large = _Large.build(codes if codes is not None else np.empty((0, 32), np.uint8))
+        self._deleted = np.zeros(len(self._large.codes), dtype=np.bool_)
+        self._hidden = 0
+        self._fresh = FaissBinaryIndex(signal)
+        self._pending: list[tuple[bool, bytes]] | None = None
+        self._merger: threading.Thread | None = None
+        self.merges = 0
+
+    # ---- updates ----------------------------------------------------------
+
+    def add(self, hashes: Sequence[str]) -> None:
+        raw = decode_hashes(self.signal, hashes)
+        with self._lock:
+            self._apply(True, raw)
+            if self._pending is not None:
+                self._pending.append((True, raw))
+            start_merge = self._merger is None and len(self._fresh) >= self.fresh_limit
+        if start_merge:
+            self.merge(wait=not self.background_merge)
+
+    def remove(self, hashes: Sequence[str]) -> None:
+        raw = decode_hashes(self.signal, hashes)
+        with self._lock:
+            self._apply(False, raw)
+            if self._pending is not None:
+                self._pending.append((False, raw))
+
+    def _apply(self, listed: bool, raw: bytes) -> None:
+        """Add or remove raw codes (the lock is held)."""
+        codes = _as_rows(raw)
+        rows, present = self._large.rows(codes)
+        hits = rows[present]
+        changing = np.unique(hits[self._deleted[hits] == listed])
+        if len(changing):
+            # Copy on write: a search already under way keeps the bitmap it started with.
+            deleted = self._deleted.copy()
+            deleted[changing] = not listed
+            self._deleted = deleted
+            self._hidden += len(changing) if not listed else -len(changing)
+        others = codes[~present]
+        if len(others):
+            others_hex = [row.tobytes().hex() for row in others]
+            if listed:
+                self._fresh.add(others_hex)
+            else:
+                self._fresh.remove(others_hex)
+
+    # ---- merging ----------------------------------------------------------
+
+    def merge(self, *, wait: bool = True) -> None:
+        """Fold the fresh segment and the deletions into a new large segment."""
+        with self._lock:
+            if self._merger is not None:
+                merger = self._merger
+            else:
+                live = self._live_codes()
+                self._pending = []
+                merger = self._merger = threading.Thread(
+                    target=self._build_and_swap, args=(live,), name="hashfed-merge", daemon=True
+                )
+                merger.start()
+        if wait:
+            merger.join()
+
+    def _build_and_swap(self, live: Codes) -> None:
+        large = _Large.build(live)
+        with self._lock:
+            pending = self._pending or []
+            self._large = large
+            self._deleted = np.zeros(len(large.codes), dtype=np.bool_)
+            self._hidden = 0
+            self._fresh = FaissBinaryIndex(self.signal)
+            for listed, raw in pending:
+                self._apply(listed, raw)
+            self._pending = None
+            self._merger = None
+            self.merges += 1
+        if self.on_merged is not None:
+            self.on_merged()
+
+    def _live_codes(self) -> Codes:
+        """Every listed code (the lock is held)."""
+        fresh = self._fresh.codes()
+        return np.concatenate([self._large.codes[~self._deleted], fresh])
+
+    def live_codes(self) -> Codes:
+        with self._lock:
+            return self._live_codes()
+
+    # ---- lookups ----------------------------------------------------------
+
+    def search(self, queries: Sequence[str], max_distance: int) -> list[list[Match]]:
+        check_max_distance(self.signal, max_distance)
+        raw = decode_hashes(self.signal, queries)
+        with self._lock:
+            # The fresh segment is small: searching it under the lock, with the large
+            # segment's state taken at the same instant, means a lookup sees every
+            # batch of updates whole or not at all.
+            large, deleted, hidden = self._large, self._deleted, self._hidden
+            results = self._fresh.search(queries, max_distance)
+        if large.index is None or not queries:
+            return results
+        found = large.index.search(_as_rows(raw), max_distance, deleted if hidden else None)
+        for matches, (rows, distances) in zip(results, found, strict=True):
+            if len(rows) == 0:
+                continue
+            hexes = [row.tobytes().hex() for row in large.codes[rows]]
+            matches.extend(zip(hexes, distances.tolist(), strict=True))
+            matches.sort(key=lambda match: (match[1], match[0]))
+        return results
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._large.codes) - self._hidden + len(self._fresh)
+
+    def __contains__(self, hash_hex: object) -> bool:
+        try:
+            raw = decode_hashes(self.signal, [hash_hex])  # type: ignore[list-item]
+        except (ValueError, TypeError):
+            return False
+        with self._lock:
+            rows, present = self._large.rows(_as_rows(raw))
+            if present[0]:
+                return not bool(self._deleted[rows[0]])
+            return hash_hex in self._fresh
+
+    @property
+    def nbytes(self) -> int:
+        with self._lock:
+            held = self._large.codes.nbytes + self._deleted.nbytes
+            return held + (self._large.index.nbytes if self._large.index else 0)

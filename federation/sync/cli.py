@@ -1,0 +1,260 @@
+"""``hashfed mirror`` and ``hashfed lookup --mirror``: a member's verified, offline copy of a collection.
+
+Exit status of ``hashfed mirror``: 0 in step (or, with ``--compare``,
+consistent); 1 the hub refused or could not be reached, or a comparison
+could not be decided yet; 2 usage or configuration; 3 FORK: the hub signed
+two histories that cannot both be true, evidence was kept and nothing more
+is applied from it; 4 the hub's data failed verification and nothing of it
+was applied (tampering or corruption; the next run tries again).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import textwrap
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TextIO, TypeVar
+
+import aiohttp
+
+from ..cli_output import plural
+from ..client import HubClient, HubError
+from ..config import ConfigError
+from ..keys import VerifierKey, load_signer_file
+from ..signals import signal_type
+from .mirror import MirrorConfig, MirrorDir, lookup
+from .puller import ByteCounter, Puller, SourceStopped, SyncProgress, SyncResult, new_session
+from .verify import ForkDetected, VerificationError
+
+T = TypeVar("T")
+EXIT_FORK = 3
+EXIT_UNVERIFIED = 4
+
+DESCRIPTION = (
+    "Keep a verified copy of one collection in DIR. Every entry's signature is checked against the "
+    "membership entries of the same log, every checkpoint against the hub key you pin and against the "
+    "last one trusted, and entries are applied exactly as the hub applies them. Then `hashfed lookup "
+    "--mirror DIR` answers without sending your hashes anywhere. The first run needs --hub, --key, "
+    "--collection and --pin; later runs read them from DIR/mirror.toml and resume where the last one "
+    "stopped. Exit status 3 means the hub showed a forked history (evidence is kept in DIR/evidence), "
+    "4 that its data failed verification (nothing of it was applied)."
+)
+EXAMPLES = """\
+hashfed mirror --hub https://hub.example --key acme.key --collection csam --pin hub.pub acme-mirror
+hashfed mirror acme-mirror --watch
+hashfed mirror acme-mirror --compare https://other-hub.example/v1/sources
+hashfed lookup --mirror acme-mirror --type pdq --file queries.txt"""
+
+
+def add_mirror_command(sub: Any) -> None:
+    parser: argparse.ArgumentParser = sub.add_parser(
+        "mirror",
+        help="keep a verified offline copy of a collection",
+        description=textwrap.fill(DESCRIPTION, 78),
+        epilog="examples:\n" + textwrap.indent(EXAMPLES, "  "),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("dir", metavar="DIR", help="mirror directory (created on the first run)")
+    parser.add_argument(
+        "--hub", metavar="URL", default=os.environ.get("HASHFED_HUB"), help="hub URL (default: $HASHFED_HUB)"
+    )
+    parser.add_argument(
+        "--key",
+        metavar="FILE",
+        default=os.environ.get("HASHFED_KEY"),
+        help="your signer key file; the hub must grant it read (default: $HASHFED_KEY)",
+    )
+    parser.add_argument(
+        "--collection", metavar="NAME", help="collection to mirror: NAME, or HUB:NAME relayed by --hub"
+    )
+    parser.add_argument("--pin", metavar="KEY", help="the origin hub's verifier key, or a .pub file")
+    parser.add_argument("--watch", action="store_true", help="keep following the log")
+    parser.add_argument(
+        "--interval", type=float, default=30.0, metavar="S", help="seconds between polls with --watch"
+    )
+    parser.add_argument(
+        "--compare",
+        metavar="NOTE",
+        help="compare the mirror's checkpoint with another one: a file, or a URL of a checkpoint "
+        "or of a hub's /v1/sources",
+    )
+    parser.set_defaults(func=cmd_mirror)
+
+
+def _pin(text: str) -> str:
+    path = Path(text)
+    key = VerifierKey.parse(path.read_text().strip() if path.is_file() else text)
+    return key.encode()
+
+
+def _mirror_config(args: argparse.Namespace, mirror: MirrorDir) -> MirrorConfig:
+    """The configuration from DIR/mirror.toml, with --hub and --key updating it; or a new one."""
+    pin = _pin(args.pin) if args.pin else None
+    key = str(Path(args.key).resolve()) if args.key else None
+    if mirror.exists():
+        config = mirror.config()
+        if args.collection and args.collection != config.collection:
+            raise ConfigError(f"{mirror.path} mirrors {config.collection}; use a new directory for another")
+        if pin and pin != config.pin:
+            raise ConfigError(f"{mirror.path} pins another hub key; use a new directory for another hub")
+        updated = MirrorConfig(args.hub or config.hub, key or config.key, config.collection, config.pin)
+    else:
+        missing = [f"--{n}" for n in ("hub", "key", "collection", "pin") if not getattr(args, n)]
+        if missing:
+            raise ConfigError(f"{mirror.path} is a new mirror: give {', '.join(missing)}")
+        updated = MirrorConfig(args.hub, key or "", args.collection, pin or "")
+    if not updated.hub.startswith(("http://", "https://")):
+        raise ConfigError(f"--hub {updated.hub!r} is not an http:// or https:// URL")
+    updated.spec()
+    if updated != (mirror.config() if mirror.exists() else None):
+        mirror.write_config(updated)
+    return updated
+
+
+class _Progress:
+    """Entries verified out of the checkpoint's size: one redrawn line on a terminal, a line every 5 s elsewhere."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.last = 0.0
+        self.drawn = False
+
+    def __call__(self, progress: SyncProgress) -> None:
+        now = time.monotonic()
+        done = progress.size >= progress.goal
+        if not self.tty and now - self.last < 5 and not done:
+            return
+        self.last = now
+        rate = progress.bytes / max(progress.seconds, 1e-9) / 1e6
+        text = (
+            f"{progress.name}: {progress.size:,}/{progress.goal:,} entries verified "
+            f"({100 * progress.size / max(progress.goal, 1):.0f}%), {progress.bytes / 1e6:,.1f} MB, {rate:,.1f} MB/s"
+        )
+        if self.tty:
+            self.stream.write("\r\x1b[2K" + text)
+            self.drawn = True
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def finish(self) -> None:
+        if self.drawn:
+            self.stream.write("\n")
+            self.drawn = False
+
+
+async def _fetch_note(source: str, name: str, hub: str, collection: str) -> str:
+    if not source.startswith(("http://", "https://")):
+        return Path(source).read_text()
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(timeout=timeout) as session, session.get(source) as response:
+        if response.status != 200:
+            raise HubError(response.status, f"{source} answered {response.status}")
+        text = await response.text()
+        if response.content_type != "application/json":
+            return text
+    for item in json.loads(text).get("sources", []):
+        if item.get("hub") == hub and item.get("collection") == collection and item.get("checkpoint"):
+            return str(item["checkpoint"])
+    raise HubError(404, f"{source} lists no verified checkpoint of {name}")
+
+
+def _report(result: SyncResult) -> str:
+    applied = result.after - result.before
+    return (
+        f"{result.name}: {plural(applied, 'new entry')} verified and applied; the mirror holds "
+        f"{result.after:,} entries, checkpoint size {result.checkpoint:,} "
+        f"({result.bytes / 1e6:,.1f} MB in {result.seconds:.1f} s)"
+    )
+
+
+async def _mirror(args: argparse.Namespace, mirror: MirrorDir, config: MirrorConfig) -> int:
+    spec = config.spec()
+    node = mirror.open_node()
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hashfed-mirror")
+    loop = asyncio.get_running_loop()
+    progress = _Progress(sys.stderr)
+    counter = ByteCounter()
+    session = new_session(300.0, counter)
+    client = HubClient(config.hub, load_signer_file(Path(config.key)), session=session, retries=2)
+
+    def run(fn: Callable[[], T]) -> Awaitable[T]:
+        return loop.run_in_executor(executor, fn)
+
+    puller = Puller(node, spec, client, run, counter=counter, index=False, on_progress=progress)
+    try:
+        if args.compare:
+            note = await _fetch_note(args.compare, spec.name, spec.origin.hub, spec.origin.collection)
+            consistent, how = await puller.compare(note)
+            print(f"{spec.name}: {how}")
+            return 0 if consistent else 1
+        failures = rounds = 0
+        while True:
+            try:
+                result = await puller.sync()
+            except (VerificationError, HubError) as exc:
+                progress.finish()
+                if isinstance(exc, ForkDetected) or not args.watch:
+                    raise
+                failures += 1
+                print(f"hashfed: {spec.name}: {exc}; retrying", file=sys.stderr)
+                await asyncio.sleep(min(args.interval * 2**failures, 300.0))
+                continue
+            failures = 0
+            progress.finish()
+            record = await run(lambda: node.store.source(spec.name))
+            mirror.save_checkpoint(record.checkpoint if record else None)
+            if rounds == 0 or result.after != result.before:  # --watch reports changes only
+                print(_report(result), flush=True)
+            if not args.watch:
+                return 0
+            rounds += 1
+            await asyncio.sleep(args.interval)
+    except ForkDetected as exc:
+        progress.finish()
+        if not isinstance(exc, SourceStopped):
+            path = mirror.save_evidence(exc.evidence)
+            print(f"hashfed: FORK DETECTED: {exc.evidence.detail}", file=sys.stderr)
+            print(f"hashfed: evidence kept in {path}; nothing more is applied from this hub", file=sys.stderr)
+        else:
+            print(
+                f"hashfed: FORK: {spec.name} was stopped by fork evidence ({exc.evidence.detail}); "
+                f"see {mirror.evidence_dir}. Start a new mirror directory to follow another history.",
+                file=sys.stderr,
+            )
+        return EXIT_FORK
+    except VerificationError as exc:
+        print(f"hashfed: error: verification failed, nothing of it was applied: {exc}", file=sys.stderr)
+        return EXIT_UNVERIFIED
+    finally:
+        await session.close()
+        executor.shutdown(wait=True)
+        node.store.close()
+
+
+def cmd_mirror(args: argparse.Namespace) -> int:
+    if args.interval <= 0:
+        raise ConfigError("--interval must be a positive number of seconds")
+    mirror = MirrorDir(Path(args.dir))
+    config = _mirror_config(args, mirror)
+    return asyncio.run(_mirror(args, mirror, config))
+
+
+def mirror_lookup(
+    directory: str, queries: list[tuple[str, str]], max_distance: int | None, collections: list[str]
+) -> list[list[dict[str, Any]]]:
+    """``hashfed lookup --mirror DIR``: the mirror answers; nothing leaves this machine."""
+    node = MirrorDir(Path(directory)).open_node()
+    try:
+        parsed = [(signal_type(t), signal_type(t).parse(h)) for t, h in queries]
+        return lookup(node, parsed, 31 if max_distance is None else max_distance, collections)
+    finally:
+        node.store.close()

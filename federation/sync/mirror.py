@@ -1,0 +1,159 @@
+"""A member's mirror directory: one collection of one hub, verified, answering lookups offline.
+
+Layout::
+
+    DIR/mirror.toml       hub URL, member key file, collection, pinned hub key
+    DIR/mirror.sqlite3    the mirrored log and its projection (the hub's own schema)
+    DIR/checkpoint.txt    the latest checkpoint verified, as the hub signed it: compare it with others
+    DIR/evidence/         fork evidence, one JSON file per fork found
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ..config import ConfigError
+from ..keys import KeyFormatError, VerifierKey
+from ..node import Node
+from ..signals import SignalType
+from ..store.sqlite import SqliteStore
+from .puller import SourceSpec
+from .verify import Evidence
+from .wire import match_json
+
+CONFIG_FILE = "mirror.toml"
+DATABASE_FILE = "mirror.sqlite3"
+CHECKPOINT_FILE = "checkpoint.txt"
+EVIDENCE_DIR = "evidence"
+
+
+@dataclass(frozen=True)
+class MirrorConfig:
+    hub: str
+    """URL of the hub pulled from: the collection's origin hub or a hub that relays it."""
+    key: str
+    """The member's signer key file, used to sign requests to that hub."""
+    collection: str
+    """The collection as named at ``hub``: ``NAME``, or ``HUB:NAME`` when relayed."""
+    pin: str
+    """The origin hub's verifier key."""
+
+    def spec(self) -> SourceSpec:
+        try:
+            return SourceSpec.make(self.hub, VerifierKey.parse(self.pin), self.collection)
+        except (KeyFormatError, ValueError) as exc:
+            raise ConfigError(str(exc)) from exc
+
+    def to_toml(self) -> str:
+        lines = ["# hashfed mirror configuration; see docs/operations.md"]
+        for name, value in asdict(self).items():
+            escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+            lines.append(f'{name} = "{escaped}"')
+        return "\n".join(lines) + "\n"
+
+    @classmethod
+    def from_toml(cls, text: str, source: str) -> MirrorConfig:
+        try:
+            raw: dict[str, Any] = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{source}: {exc}") from exc
+        names = ("hub", "key", "collection", "pin")
+        if set(raw) != set(names) or not all(isinstance(raw[n], str) for n in names):
+            raise ConfigError(f"{source}: needs exactly the string settings {', '.join(names)}")
+        config = cls(**raw)
+        config.spec()
+        return config
+
+
+@dataclass(frozen=True)
+class MirrorDir:
+    path: Path
+
+    @property
+    def config_file(self) -> Path:
+        return self.path / CONFIG_FILE
+
+    @property
+    def database(self) -> Path:
+        return self.path / DATABASE_FILE
+
+    @property
+    def checkpoint_file(self) -> Path:
+        return self.path / CHECKPOINT_FILE
+
+    @property
+    def evidence_dir(self) -> Path:
+        return self.path / EVIDENCE_DIR
+
+    def exists(self) -> bool:
+        return self.config_file.exists()
+
+    def config(self) -> MirrorConfig:
+        if not self.exists():
+            raise ConfigError(
+                f"{self.path} is not a mirror directory (no {CONFIG_FILE}); create one with `hashfed mirror`"
+            )
+        return MirrorConfig.from_toml(self.config_file.read_text(), str(self.config_file))
+
+    def write_config(self, config: MirrorConfig) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.path.chmod(0o700)
+        _write_atomically(self.config_file, config.to_toml())
+
+    def open_node(self) -> Node:
+        """The mirror as a node with no collections of its own (it never signs anything)."""
+        spec = self.config().spec()
+        return Node(SqliteStore(self.database), name="mirror", federation="mirror", hub_key=spec.origin.key)
+
+    def save_checkpoint(self, note: str | None) -> None:
+        if note is not None:
+            _write_atomically(self.checkpoint_file, note)
+
+    def save_evidence(self, evidence: Evidence) -> Path:
+        self.evidence_dir.mkdir(exist_ok=True)
+        stamp = evidence.detected.replace(":", "").replace("-", "")
+        path = self.evidence_dir / f"{stamp}-{evidence.reason}.json"
+        counter = 1
+        while path.exists():
+            counter += 1
+            path = self.evidence_dir / f"{stamp}-{evidence.reason}-{counter}.json"
+        _write_atomically(path, evidence.dumps() + "\n")
+        return path
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def lookup(
+    node: Node,
+    queries: Sequence[tuple[SignalType, str]],
+    max_distance: int,
+    collections: Sequence[str] = (),
+) -> list[list[dict[str, Any]]]:
+    """Matches per query from a mirror's collections, in the hub's wire shape (with ``hub``).
+
+    ``collections`` may name a collection locally (``HUB:NAME``) or as its
+    origin does (``NAME``); empty means all of them.
+    """
+    sources = node.sources()
+    chosen = [
+        name
+        for name, record in sources.items()
+        if not collections or name in collections or record.collection in collections
+    ]
+    unknown = [
+        c for c in collections if c not in sources and all(r.collection != c for r in sources.values())
+    ]
+    if unknown:
+        known = ", ".join(sources) or "none yet"
+        raise ConfigError(f"the mirror has no collection {unknown[0]!r} (it has: {known})")
+    results = node.lookup(chosen, queries, max_distance)
+    return [[match_json(match, sources[match.collection]) for match in matches] for matches in results]
