@@ -242,10 +242,21 @@ class HubClient:
             accept="application/x-ndjson",
         )
         async with response:
-            async for line in response.content:
-                if line.strip():
-                    item = json.loads(line)
-                    yield item["index"], Envelope.from_json(item["envelope"])
+            # Split by hand: one entry may be a line of many megabytes, longer
+            # than aiohttp's line reader accepts.
+            partial: list[bytes] = []
+            async for chunk in response.content.iter_any():
+                *complete, rest = chunk.split(b"\n")
+                if complete:
+                    complete[0] = b"".join([*partial, complete[0]])
+                    partial = []
+                    for line in complete:
+                        if line.strip():
+                            yield _entry(line)
+                partial.append(rest)
+            last = b"".join(partial)
+            if last.strip():
+                yield _entry(last)
 
     async def entry_lines(self, collection: str, start: int, limit: int) -> bytes:
         """Entries ``start`` to ``start + limit - 1`` as the raw NDJSON body, read whole.
@@ -298,3 +309,8 @@ async def _problem(response: aiohttp.ClientResponse) -> HubError:
         return HubError(response.status, str(problem.get("detail", text)), str(problem.get("type", "")))
     except (ValueError, AttributeError):
         return HubError(response.status, text[:500] or response.reason or "error")
+
+
+def _entry(line: bytes) -> tuple[int, Envelope]:
+    item = json.loads(line)
+    return item["index"], Envelope.from_json(item["envelope"])

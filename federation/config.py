@@ -11,6 +11,7 @@ Layout::
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from dataclasses import asdict, dataclass, fields
@@ -147,6 +148,20 @@ def _peers(raw: Any, source: str, base: Path | None) -> tuple[PeerConfig, ...]:
     return peers
 
 
+_SECONDS_OR_RATES = frozenset(
+    {"keepalive_timeout_seconds", "request_timeout_seconds", "queue_timeout_seconds", "rate_limit_per_second"}
+)
+"""Settings that take a number, integer or not; every other number setting is an integer."""
+_POSITIVE = (
+    "max_connections",
+    "keepalive_timeout_seconds",
+    "request_timeout_seconds",
+    "max_inflight",
+    "queue_timeout_seconds",
+)
+_NON_NEGATIVE = ("min_body_bytes_per_second", "max_queued", "rate_limit_per_second", "rate_limit_burst")
+
+
 @dataclass(frozen=True)
 class HubConfig:
     name: str
@@ -159,7 +174,41 @@ class HubConfig:
     max_labels_per_item: int = 32
     max_label_length: int = 128
     max_note_length: int = 1_000
+    max_connections: int = 512
+    """Open client connections at most; one more is answered 503 and closed (keep under ``ulimit -n``)."""
+    keepalive_timeout_seconds: float = 75.0
+    """An idle connection, or one whose request headers are not complete by then, is closed."""
+    request_timeout_seconds: float = 60.0
+    """Longest time to receive a request body once its headers arrived; then 408 and the connection closes."""
+    min_body_bytes_per_second: int = 1_024
+    """A body arriving slower than this on average (after a short grace period) is cut likewise; 0 = off."""
+    max_inflight: int = 64
+    """Requests handled at once; more wait in the queue."""
+    max_queued: int = 256
+    """Requests waiting for a handling slot at most; one more is shed with 503 ``overloaded``."""
+    queue_timeout_seconds: float = 5.0
+    """Longest wait in the queue; then 503 ``overloaded``."""
+    rate_limit_per_second: float = 0.0
+    """Signed requests per second per key (token bucket refill rate); 0 = no rate limit."""
+    rate_limit_burst: int = 0
+    """Token bucket size: requests a key may make at once; 0 = one second's worth (at least 1)."""
     peers: tuple[PeerConfig, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in _SECONDS_OR_RATES:
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"{name} must be a finite number, got {getattr(self, name)!r}")
+        for name in _POSITIVE:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)!r}")
+        for name in _NON_NEGATIVE:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be 0 or more, got {getattr(self, name)!r}")
+
+    @property
+    def burst(self) -> int:
+        """The rate limit's bucket size: ``rate_limit_burst``, or one second's worth when that is 0."""
+        return self.rate_limit_burst or max(1, math.ceil(self.rate_limit_per_second))
 
     @property
     def limits(self) -> Limits:
@@ -175,7 +224,7 @@ class HubConfig:
         for key, value in asdict(self).items():
             if key == "peers":
                 continue
-            lines.append(f"{key} = {value!r}" if isinstance(value, int) else f'{key} = "{value}"')
+            lines.append(f"{key} = {value!r}" if isinstance(value, int | float) else f'{key} = "{value}"')
         return "\n".join(lines) + "\n" + "".join(peer.to_toml() for peer in self.peers)
 
     @classmethod
@@ -194,12 +243,18 @@ class HubConfig:
             if key not in raw:
                 raise ConfigError(f"{source}: missing setting {key!r}")
         for key, value in raw.items():
+            if key in _SECONDS_OR_RATES and isinstance(value, int | float) and not isinstance(value, bool):
+                raw[key] = float(value)
+                continue
             expected = str if key in ("name", "federation", "host") else int
             if not isinstance(value, expected) or isinstance(value, bool):
                 raise ConfigError(f"{source}: {key} must be a {expected.__name__}")
         check_name(raw["name"])
         check_name(raw["federation"])
-        return cls(**raw, peers=peers)
+        try:
+            return cls(**raw, peers=peers)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from exc
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ import os
 import re
 import stat
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -87,10 +88,19 @@ class VerifierKey:
         material = base64.b64encode(bytes([ALG_ED25519]) + self.public).decode()
         return f"{self.key_id}+{material}"
 
-    def verify(self, message: bytes, signature: bytes) -> bool:
+    @cached_property
+    def _public_key(self) -> Ed25519PublicKey | None:
         try:
-            Ed25519PublicKey.from_public_bytes(self.public).verify(signature, message)
-        except (InvalidSignature, ValueError):
+            return Ed25519PublicKey.from_public_bytes(self.public)
+        except ValueError:
+            return None
+
+    def verify(self, message: bytes, signature: bytes) -> bool:
+        if self._public_key is None:
+            return False
+        try:
+            self._public_key.verify(signature, message)
+        except InvalidSignature:
             return False
         return True
 

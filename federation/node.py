@@ -325,6 +325,8 @@ class Node:
                     collection, signal, [queries[p][1] for p in positions], max_distance
                 )
                 found = {hash_hex for per_query in hits for hash_hex, _ in per_query}
+                if not found:
+                    continue
                 details = self.store.details(collection, name, sorted(found))
                 for position, per_query in zip(positions, hits, strict=True):
                     for hash_hex, distance in per_query:

@@ -15,9 +15,11 @@ from ..config import HubConfig
 from ..httpsig import ReplayGuard
 from ..node import Node
 from ..sync.peering import Peering
+from .batching import LookupBatcher
 from .problems import MAX_BODY, problem_middleware
 
 T = TypeVar("T")
+READER_THREADS = 32
 log = logging.getLogger("hashfed.hub")
 
 
@@ -32,11 +34,20 @@ class HubRuntime:
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="hashfed-writer")
     )
     readers: ThreadPoolExecutor = field(
-        default_factory=lambda: ThreadPoolExecutor(max_workers=4, thread_name_prefix="hashfed-reader")
+        # Many threads, few cores: most of them wait, either for SQLite or in the
+        # lookup batcher for a search that answers several requests at once.
+        default_factory=lambda: ThreadPoolExecutor(
+            max_workers=READER_THREADS, thread_name_prefix="hashfed-reader"
+        )
     )
+    batcher: LookupBatcher | None = None
     ready: bool = False
     peering: Peering | None = None
     """Background mirroring of the peers named in hub.toml (None: no peers)."""
+
+    def __post_init__(self) -> None:
+        if self.batcher is None:
+            self.batcher = LookupBatcher(self.node.lookup)
 
     async def read(self, fn: Callable[[], T]) -> T:
         """Run store reads and index searches off the event loop."""

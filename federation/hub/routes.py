@@ -279,12 +279,27 @@ def _parse_lookup(obj: Any, max_queries: int) -> tuple[list[tuple[SignalType, st
 async def lookup(request: web.Request) -> web.Response:
     runtime = _runtime(request)
     body = await request.read()
-    caller = await _caller(request, body)
-    queries, max_distance, asked = await runtime.read(
-        lambda: _parse_lookup(_json_body(body, "lookup body"), runtime.config.max_queries)
+    method, path, query, headers = (
+        request.method,
+        request.raw_path.split("?", 1)[0],
+        raw_query(request),
+        request.headers,
     )
-    existing = await runtime.read(runtime.node.collections)
-    sources = await runtime.read(runtime.node.sources)
+    # One trip to a worker thread for the whole request: authentication, parsing,
+    # search and serialisation. Lookups are the hot path; each hop between the
+    # event loop and the pool costs more than a small search does.
+    answer = await runtime.read(lambda: _answer_lookup(runtime, method, path, query, headers, body))
+    return web.Response(body=answer, content_type="application/json")
+
+
+def _answer_lookup(
+    runtime: HubRuntime, method: str, path: str, query: str, headers: Any, body: bytes
+) -> bytes:
+    node = runtime.node
+    caller = authenticate(node, runtime.guard, method, path, query, headers, body)
+    queries, max_distance, asked = _parse_lookup(_json_body(body, "lookup body"), runtime.config.max_queries)
+    existing = node.collections()
+    sources = node.sources()
     # Mirrored collections (from peers) are searched too; their matches say which hub they come from.
     reads_own = any(caller.may(c, "read") for c in existing if c not in sources)
 
@@ -302,15 +317,14 @@ async def lookup(request: web.Request) -> web.Response:
             if not readable(name):
                 caller.require(name, "read")
         collections = list(dict.fromkeys(asked))
-    results = await runtime.read(lambda: runtime.node.lookup(collections, queries, max_distance))
-    return web.json_response(
-        {
-            "results": [
-                {"matches": [match_json(m, sources.get(m.collection)) for m in matches]}
-                for matches in results
-            ]
-        }
-    )
+    assert runtime.batcher is not None
+    results = runtime.batcher.lookup(collections, queries, max_distance)
+    document = {
+        "results": [
+            {"matches": [match_json(m, sources.get(m.collection)) for m in matches]} for matches in results
+        ]
+    }
+    return json.dumps(document, separators=(",", ":")).encode()
 
 
 async def peers(request: web.Request) -> web.Response:
@@ -345,3 +359,6 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/lookup", lookup)
     app.router.add_get("/v1/peers", peers)
     app.router.add_get("/v1/sources", sources)
+    from .openapi import openapi_document  # the API description (docs/openapi.yaml), as shipped
+
+    app.router.add_get("/v1/openapi.yaml", openapi_document)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 from aiohttp import web
 
@@ -10,6 +11,8 @@ from ..config import DataDir
 from ..node import Node
 from ..store.sqlite import SqliteStore
 from .app import create_app
+
+SWITCH_INTERVAL = 0.0005
 
 
 def open_node(data: DataDir) -> Node:
@@ -29,6 +32,10 @@ def open_node(data: DataDir) -> Node:
 def serve(data: DataDir, host: str | None = None, port: int | None = None) -> None:
     config = data.config()
     node = open_node(data)
+    # Hand the GIL between the event loop and the worker threads every 0.5 ms
+    # rather than every 5 ms: with lookups in worker threads, the default
+    # interval adds milliseconds of queueing to every request under load.
+    sys.setswitchinterval(SWITCH_INTERVAL)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     web.run_app(
         create_app(node, config),

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,12 @@ from .engines import SearchIndex, new_index
 from .segmented import Codes, SegmentedPdqIndex
 
 SNAPSHOT_FORMAT = 1
+EXTERNAL_POLL_SECONDS = 0.1
+"""How often a lookup checks the store for entries written by other processes.
+
+This process's own writes catch the index up before they are acknowledged;
+only writes by another process (another replica, a CLI command) wait for
+this poll, which costs a query per lookup without it."""
 log = logging.getLogger("hashfed.index")
 
 
@@ -98,6 +105,7 @@ class IndexCatalog:
         self._store = store
         self._snapshots = SnapshotFiles(snapshot_dir) if snapshot_dir is not None else None
         self._collections: dict[str, _CollectionIndexes] = {}
+        self._checked: dict[str, float] = {}
         self._lock = threading.Lock()
 
     def _build(self, collection: str) -> _CollectionIndexes:
@@ -213,7 +221,11 @@ class IndexCatalog:
     def search(
         self, collection: str, signal: SignalType, queries: Sequence[str], max_distance: int
     ) -> list[list[tuple[str, int]]]:
-        self.catch_up(collection)
+        now = time.monotonic()
+        stale = now - self._checked.get(collection, -1.0) >= EXTERNAL_POLL_SECONDS
+        if stale or collection not in self._collections:
+            self.catch_up(collection)
+            self._checked[collection] = now
         with self._lock:
             index = self._collections[collection].by_signal[signal.name]
         return index.search(queries, max_distance)

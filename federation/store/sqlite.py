@@ -99,9 +99,17 @@ def _read_tree(conn: sqlite3.Connection, collection: str, keys: Sequence[HashKey
         raise StoreError(f"collection {collection}: stored tree hash {exc.args[0]} is missing") from exc
 
 
-def _key_record(row: tuple[str, str, int, int | None]) -> KeyRecord:
+def _key_record(
+    row: tuple[str, str, int, int | None], parsed: dict[str, VerifierKey] | None = None
+) -> KeyRecord:
+    """A key record from its row; ``parsed`` remembers keys already parsed (hot on every request)."""
     key_text, rights, granted, revoked = row
-    return KeyRecord(VerifierKey.parse(key_text), frozenset(json.loads(rights)), granted, revoked)
+    key = parsed.get(key_text) if parsed is not None else None
+    if key is None:
+        key = VerifierKey.parse(key_text)
+        if parsed is not None:
+            parsed[key_text] = key
+    return KeyRecord(key, frozenset(json.loads(rights)), granted, revoked)
 
 
 def _source_record(row: tuple[str, str, str, str, str, str, str | None, str | None, int]) -> SourceRecord:
@@ -267,6 +275,7 @@ class SqliteStore:
         self.path = path
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
+        self._parsed_keys: dict[str, VerifierKey] = {}
         self._lock = threading.Lock()
         conn = self._conn()
         conn.executescript(SCHEMA)
@@ -309,8 +318,29 @@ class SqliteStore:
         finally:
             conn.execute("COMMIT")
 
+    def _unchanged_since(self, name: str) -> tuple[tuple[int, int], object | None]:
+        """This thread's cached answer ``name`` if nothing was committed since, by anyone.
+
+        ``data_version`` moves when another connection commits; ``total_changes``
+        when this one does. Together they say whether a cached read still holds,
+        for the cost of one pragma instead of a query.
+        """
+        conn = self._conn()
+        version = (int(conn.execute("PRAGMA data_version").fetchone()[0]), conn.total_changes)
+        cache: dict[str, tuple[tuple[int, int], object]] = self._local.__dict__.setdefault("cache", {})
+        cached = cache.get(name)
+        return version, (cached[1] if cached is not None and cached[0] == version else None)
+
+    def _remember(self, name: str, version: tuple[int, int], value: object) -> None:
+        self._local.__dict__.setdefault("cache", {})[name] = (version, value)
+
     def collections(self) -> list[str]:
-        return [row[0] for row in self._conn().execute("SELECT name FROM collections ORDER BY name")]
+        version, cached = self._unchanged_since("collections")
+        if isinstance(cached, list):
+            return list(cached)
+        names = [row[0] for row in self._conn().execute("SELECT name FROM collections ORDER BY name")]
+        self._remember("collections", version, names)
+        return list(names)
 
     def create_collection(self, name: str) -> None:
         conn = self._conn()
@@ -388,7 +418,7 @@ class SqliteStore:
         rows = self._conn().execute(
             "SELECT collection, key, rights, granted, revoked FROM keys WHERE key_id = ?", (key_id,)
         )
-        return [(row[0], _key_record(row[1:])) for row in rows]
+        return [(row[0], _key_record(row[1:], self._parsed_keys)) for row in rows]
 
     def changes_since(self, collection: str, position: int) -> tuple[list[ListingChange], int]:
         with self._read() as conn:
@@ -455,8 +485,13 @@ class SqliteStore:
     # ---- mirrored collections ---------------------------------------------
 
     def sources(self) -> list[SourceRecord]:
+        version, cached = self._unchanged_since("sources")
+        if isinstance(cached, list):
+            return list(cached)
         rows = self._conn().execute(f"SELECT {_SOURCE_COLUMNS} FROM sources ORDER BY name").fetchall()
-        return [_source_record(row) for row in rows]
+        records = [_source_record(row) for row in rows]
+        self._remember("sources", version, records)
+        return list(records)
 
     def source(self, name: str) -> SourceRecord | None:
         row = (

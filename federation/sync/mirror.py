@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError
+from ..config import INDEX_DIR, ConfigError
 from ..keys import KeyFormatError, VerifierKey
 from ..node import Node
 from ..signals import SignalType
@@ -108,7 +108,13 @@ class MirrorDir:
     def open_node(self) -> Node:
         """The mirror as a node with no collections of its own (it never signs anything)."""
         spec = self.config().spec()
-        return Node(SqliteStore(self.database), name="mirror", federation="mirror", hub_key=spec.origin.key)
+        return Node(
+            SqliteStore(self.database),
+            name="mirror",
+            federation="mirror",
+            hub_key=spec.origin.key,
+            index_dir=self.path / INDEX_DIR,
+        )
 
     def save_checkpoint(self, note: str | None) -> None:
         if note is not None:

@@ -1,0 +1,112 @@
+"""Micro-batching of concurrent lookups: many small requests, one index search.
+
+Requests for the same collections and distance that arrive while a search
+for them is running wait, and the next search answers all of them at once
+(the way a database commits a group of transactions together). A request that
+finds nothing running starts at once, so a lone request never waits for
+company; batches form only under load, exactly when they pay.
+
+Lookups run in worker threads, so this is plain blocking code: the first
+request of a group leads (runs the search), the others wait on an event and
+are either answered or promoted to lead the next search.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from ..node import Match
+from ..signals import SignalType
+
+Query = tuple[SignalType, str]
+Search = Callable[[Sequence[str], Sequence[Query], int], list[list[Match]]]
+GroupKey = tuple[tuple[str, ...], int]
+
+
+@dataclass
+class _Request:
+    queries: Sequence[Query]
+    done: threading.Event = field(default_factory=threading.Event)
+    result: list[list[Match]] | None = None
+    error: BaseException | None = None
+    lead: bool = False
+
+    def outcome(self) -> list[list[Match]]:
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
+
+
+class LookupBatcher:
+    def __init__(self, search: Search, max_combined: int = 1000) -> None:
+        self._search = search
+        self.max_combined = max_combined
+        self._lock = threading.Lock()
+        self._pending: dict[GroupKey, list[_Request]] = {}
+        self._running: set[GroupKey] = set()
+        self.searches = 0
+        self.requests = 0
+
+    def lookup(
+        self, collections: Sequence[str], queries: Sequence[Query], max_distance: int
+    ) -> list[list[Match]]:
+        """Answer one lookup, possibly together with others that arrive meanwhile."""
+        if len(queries) >= self.max_combined:
+            return self._search(collections, queries, max_distance)
+        key = (tuple(collections), max_distance)
+        request = _Request(queries)
+        with self._lock:
+            self.requests += 1
+            self._pending.setdefault(key, []).append(request)
+            if key not in self._running:
+                self._running.add(key)
+                request.lead = True
+        if not request.lead:
+            request.done.wait()
+            if not request.lead:
+                return request.outcome()
+            request.done.clear()
+        with self._lock:
+            batch = self._take(key)
+        self._run(collections, max_distance, batch)
+        with self._lock:
+            waiting = self._pending.get(key)
+            if waiting:
+                successor = waiting[0]
+                successor.lead = True
+                successor.done.set()
+            else:
+                self._pending.pop(key, None)
+                self._running.discard(key)
+        return request.outcome()
+
+    def _take(self, key: GroupKey) -> list[_Request]:
+        """The leader's request (first in line) and whoever queued behind it, up to the cap."""
+        waiting = self._pending[key]
+        batch: list[_Request] = []
+        total = 0
+        while waiting and (not batch or total + len(waiting[0].queries) <= self.max_combined):
+            total += len(waiting[0].queries)
+            batch.append(waiting.pop(0))
+        return batch
+
+    def _run(self, collections: Sequence[str], max_distance: int, batch: list[_Request]) -> None:
+        combined = [query for request in batch for query in request.queries]
+        try:
+            results = self._search(collections, combined, max_distance)
+        except BaseException as exc:
+            for request in batch:
+                request.error = exc
+                request.lead = False
+                request.done.set()
+            return
+        self.searches += 1
+        offset = 0
+        for request in batch:
+            request.result = results[offset : offset + len(request.queries)]
+            offset += len(request.queries)
+            request.lead = False
+            request.done.set()
