@@ -39,7 +39,7 @@ def init_hub(path: Path, *, name: str, federation: str, collection: str) -> Veri
 
 def add_collection(data: DataDir, collection: str, grants: Sequence[Grant] = ()) -> Accepted:
     check_name(collection)
-    node = open_node(data)
+    node = open_node(data, searchable=False)
     try:
         return node.create_collection(collection, grants)
     except StoreError as exc:
@@ -51,7 +51,7 @@ def add_collection(data: DataDir, collection: str, grants: Sequence[Grant] = ())
 def change_membership(
     data: DataDir, collection: str, grant: Sequence[Grant] = (), revoke: Sequence[str] = ()
 ) -> Accepted:
-    node = open_node(data)
+    node = open_node(data, searchable=False)
     try:
         if collection not in node.collections():
             known = ", ".join(node.collections()) or "none"
@@ -62,7 +62,7 @@ def change_membership(
 
 
 def list_members(data: DataDir) -> list[tuple[str, KeyRecord]]:
-    node = open_node(data)
+    node = open_node(data, searchable=False)
     try:
         return [(c, record) for c in node.collections() for record in node.store.keys(c)]
     finally:
@@ -71,8 +71,13 @@ def list_members(data: DataDir) -> list[tuple[str, KeyRecord]]:
 
 def rebuild(data: DataDir) -> dict[str, int]:
     """Replay every collection's log into a fresh projection; return entries replayed per collection."""
-    node = open_node(data)
+    node = open_node(data, searchable=False)
     try:
-        return {collection: node.rebuild(collection) for collection in node.collections()}
+        replayed = {collection: node.rebuild(collection) for collection in node.collections()}
     finally:
         node.store.close()
+    # Index snapshots are derived from the projection just rebuilt: drop them, and
+    # the next start builds the indexes from the rebuilt projection.
+    for snapshot in data.index_dir.glob("*.pdq.*"):
+        snapshot.unlink()
+    return replayed

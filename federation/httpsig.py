@@ -24,11 +24,11 @@ must use the raw, still percent-encoded path and query: with aiohttp that is
 hub, and a ``yarl.URL(..., encoded=True)`` on the client so nothing is
 re-encoded after signing.
 
-Parsing uses a small strict reader for the subset of RFC 8941 structured
-fields this profile needs (dictionaries whose members are inner lists of
-strings or byte sequences; parameter values that are integers, strings, tokens
-or booleans) rather than a general one: anything else is refused with a detail
-that says what was found.
+The header values are read with :mod:`federation.sfv`, a small strict reader
+for the subset of RFC 8941 structured fields this profile needs (dictionaries
+whose members are inner lists of strings or byte sequences; parameter values
+that are integers, strings, tokens or booleans) rather than a general one:
+anything else is refused with a detail that says what was found.
 
 Everything here is synchronous and free of I/O; ``ReplayGuard`` is the only
 stateful piece and keeps its state per instance.
@@ -37,19 +37,27 @@ stateful piece and keeps its state per instance.
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import heapq
 import hmac
 import secrets
-import string
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TypeAlias
 
 from federation.keys import KeyFormatError, SignerKey, VerifierKey, split_key_id
+from federation.sfv import (
+    BareItem,
+    InnerList,
+    Item,
+    Member,
+    StructuredFieldError,
+    parse_dictionary,
+    serialize_bare_item,
+    serialize_inner_list,
+    serialize_params,
+)
 
 SIGNATURE_LABEL = "sig1"
 MAX_CLOCK_SKEW = 300
@@ -58,8 +66,6 @@ DIGEST_ALGORITHM = "sha-256"
 COMPONENTS_WITHOUT_BODY = ("@method", "@path", "@query")
 COMPONENTS_WITH_BODY = (*COMPONENTS_WITHOUT_BODY, "content-digest")
 ED25519_SIGNATURE_SIZE = 64
-
-_DETAIL_EXCERPT = 200
 
 
 class SignatureRefused(Exception):
@@ -76,257 +82,6 @@ class SignatureRefused(Exception):
         self.status = status
 
 
-# --- structured fields (RFC 8941), the subset this profile uses -------------
-
-
-@dataclass(frozen=True)
-class _Token:
-    """An RFC 8941 token, kept apart from strings: ``alg=ed25519`` is not ``alg="ed25519"``."""
-
-    value: str
-
-
-_BareItem: TypeAlias = bool | int | str | bytes | _Token
-_Params: TypeAlias = tuple[tuple[str, _BareItem], ...]
-
-
-@dataclass(frozen=True)
-class _Item:
-    value: _BareItem
-    params: _Params
-
-
-@dataclass(frozen=True)
-class _InnerList:
-    items: tuple[_Item, ...]
-    params: _Params
-
-
-_Member: TypeAlias = _Item | _InnerList
-
-_DIGITS = frozenset(string.digits)
-_ALPHA = frozenset(string.ascii_letters)
-_LCALPHA = frozenset(string.ascii_lowercase)
-_KEY_FIRST = _LCALPHA | {"*"}
-_KEY_REST = _KEY_FIRST | _DIGITS | {"_", "-", "."}
-_TCHAR = _ALPHA | _DIGITS | frozenset("!#$%&'*+-.^_`|~")
-_TOKEN_REST = _TCHAR | {":", "/"}
-_BASE64 = _ALPHA | _DIGITS | {"+", "/", "="}
-_MAX_INTEGER_DIGITS = 15
-
-
-class _Parser:
-    """Reads one RFC 8941 dictionary from a field value, refusing what the profile does not use."""
-
-    def __init__(self, field: str, text: str) -> None:
-        self.field = field
-        self.text = text.strip(" \t")
-        self.pos = 0
-
-    def fail(self, message: str) -> SignatureRefused:
-        excerpt = self.text
-        if len(excerpt) > _DETAIL_EXCERPT:
-            excerpt = excerpt[:_DETAIL_EXCERPT] + "..."
-        return SignatureRefused(
-            f"malformed {self.field} header: {message} (at character {self.pos} of {excerpt!r}); "
-            "it must be a structured-field dictionary (RFC 8941) as RFC 9421/9530 describe"
-        )
-
-    def peek(self) -> str:
-        return self.text[self.pos] if self.pos < len(self.text) else ""
-
-    def at_end(self) -> bool:
-        return self.pos >= len(self.text)
-
-    def skip(self, chars: str) -> None:
-        while self.pos < len(self.text) and self.text[self.pos] in chars:
-            self.pos += 1
-
-    def dictionary(self) -> dict[str, _Member]:
-        members: dict[str, _Member] = {}
-        if self.at_end():
-            return members
-        while True:
-            key = self.key()
-            if key in members:
-                # RFC 8941 would let the last one win; two different signatures
-                # under one label are refused rather than silently picked from.
-                raise self.fail(f"the key {key!r} appears more than once")
-            if self.peek() != "=":
-                raise self.fail(f"member {key!r} has no value ('=' expected)")
-            self.pos += 1
-            if self.peek() == "(":
-                members[key] = self.inner_list()
-            else:
-                members[key] = _Item(self.bare_item(), self.parameters())
-            self.skip(" \t")
-            if self.at_end():
-                return members
-            if self.peek() != ",":
-                raise self.fail(f"expected ',' after member {key!r}")
-            self.pos += 1
-            self.skip(" \t")
-            if self.at_end():
-                raise self.fail("the value ends with a ','")
-
-    def key(self) -> str:
-        start = self.pos
-        if self.peek() not in _KEY_FIRST:
-            raise self.fail("expected a key (a lowercase letter or '*' first)")
-        self.pos += 1
-        while self.peek() in _KEY_REST:
-            self.pos += 1
-        return self.text[start : self.pos]
-
-    def inner_list(self) -> _InnerList:
-        self.pos += 1  # "("
-        items: list[_Item] = []
-        while True:
-            self.skip(" ")
-            if self.peek() == ")":
-                self.pos += 1
-                return _InnerList(tuple(items), self.parameters())
-            if self.at_end():
-                raise self.fail("an inner list is not closed with ')'")
-            value = self.bare_item()
-            if not isinstance(value, str):
-                raise self.fail("inner-list members must be strings (quoted component names)")
-            items.append(_Item(value, self.parameters()))
-            if self.at_end():
-                raise self.fail("an inner list is not closed with ')'")
-            if self.peek() not in (" ", ")"):
-                raise self.fail("expected a space or ')' after an inner-list member")
-
-    def parameters(self) -> _Params:
-        params: list[tuple[str, _BareItem]] = []
-        while self.peek() == ";":
-            self.pos += 1
-            self.skip(" ")
-            key = self.key()
-            if any(existing == key for existing, _ in params):
-                raise self.fail(f"the parameter {key!r} appears more than once")
-            value: _BareItem = True
-            if self.peek() == "=":
-                self.pos += 1
-                value = self.bare_item()
-                if isinstance(value, bytes):
-                    raise self.fail(f"parameter {key!r} is a byte sequence, which is not used here")
-            params.append((key, value))
-        return tuple(params)
-
-    def bare_item(self) -> _BareItem:
-        char = self.peek()
-        if char == '"':
-            return self.string()
-        if char == ":":
-            return self.byte_sequence()
-        if char == "?":
-            return self.boolean()
-        if char == "-" or char in _DIGITS:
-            return self.integer()
-        if char in _ALPHA or char == "*":
-            return self.token()
-        if char == "@":
-            raise self.fail("dates are not used here")
-        if char == "%":
-            raise self.fail("display strings are not used here")
-        raise self.fail("expected an integer, string, token, boolean or byte sequence")
-
-    def integer(self) -> int:
-        start = self.pos
-        if self.peek() == "-":
-            self.pos += 1
-        digits_start = self.pos
-        while self.peek() in _DIGITS:
-            self.pos += 1
-        count = self.pos - digits_start
-        if count == 0:
-            raise self.fail("expected a digit")
-        if self.peek() == ".":
-            raise self.fail("decimal numbers are not used here; use an integer")
-        if count > _MAX_INTEGER_DIGITS:
-            raise self.fail(f"an integer has at most {_MAX_INTEGER_DIGITS} digits")
-        return int(self.text[start : self.pos])
-
-    def string(self) -> str:
-        self.pos += 1  # opening quote
-        chars: list[str] = []
-        while not self.at_end():
-            char = self.text[self.pos]
-            self.pos += 1
-            if char == "\\":
-                escaped = self.peek()
-                if escaped not in ('"', "\\"):
-                    raise self.fail('only \\" and \\\\ may be escaped in a string')
-                chars.append(escaped)
-                self.pos += 1
-            elif char == '"':
-                return "".join(chars)
-            elif not " " <= char <= "~":
-                raise self.fail("a string holds printable ASCII only")
-            else:
-                chars.append(char)
-        raise self.fail("a string is not closed with '\"'")
-
-    def token(self) -> _Token:
-        start = self.pos
-        self.pos += 1
-        while self.peek() in _TOKEN_REST:
-            self.pos += 1
-        return _Token(self.text[start : self.pos])
-
-    def boolean(self) -> bool:
-        self.pos += 1  # "?"
-        char = self.peek()
-        if char not in ("0", "1"):
-            raise self.fail("a boolean is ?0 or ?1")
-        self.pos += 1
-        return char == "1"
-
-    def byte_sequence(self) -> bytes:
-        self.pos += 1  # opening ":"
-        end = self.text.find(":", self.pos)
-        if end < 0:
-            raise self.fail("a byte sequence is not closed with ':'")
-        encoded = self.text[self.pos : end]
-        if any(char not in _BASE64 for char in encoded):
-            raise self.fail("a byte sequence holds standard base64 only")
-        # RFC 8941 §4.2.7: parsers should not fail on missing "=" padding.
-        if "=" not in encoded:
-            encoded += "=" * (-len(encoded) % 4)
-        try:
-            value = base64.b64decode(encoded, validate=True)
-        except (binascii.Error, ValueError):
-            raise self.fail("a byte sequence is not valid base64") from None
-        self.pos = end + 1
-        return value
-
-
-def _serialize_bare_item(value: _BareItem) -> str:
-    if isinstance(value, bool):
-        return "?1" if value else "?0"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, _Token):
-        return value.value
-    return ":" + base64.b64encode(value).decode("ascii") + ":"
-
-
-def _serialize_params(params: _Params) -> str:
-    return "".join(
-        f";{key}" if value is True else f";{key}={_serialize_bare_item(value)}" for key, value in params
-    )
-
-
-def _serialize_inner_list(inner: _InnerList) -> str:
-    members = " ".join(
-        _serialize_bare_item(item.value) + _serialize_params(item.params) for item in inner.items
-    )
-    return f"({members}){_serialize_params(inner.params)}"
-
-
 # --- the signature base ----------------------------------------------------
 
 
@@ -341,7 +96,7 @@ def _checked(name: str, value: str) -> str:
 
 
 def _signature_base(
-    *, method: str, path: str, query: str, digest: str | None, signature_input: _InnerList
+    *, method: str, path: str, query: str, digest: str | None, signature_input: InnerList
 ) -> bytes:
     """Build the RFC 9421 §2.5 signature base for the profile's components.
 
@@ -363,7 +118,7 @@ def _signature_base(
         else:  # callers check the components first; this is a programming error
             raise ValueError(f"component {name!r} cannot be part of this profile's base")
         lines.append(f'"{name}": {_checked(str(name), value)}')
-    lines.append(f'"@signature-params": {_serialize_inner_list(signature_input)}')
+    lines.append(f'"@signature-params": {serialize_inner_list(signature_input)}')
     return "\n".join(lines).encode("ascii")
 
 
@@ -408,8 +163,8 @@ def sign_request(
         digest = content_digest(body)
         headers["Content-Digest"] = digest
         components = COMPONENTS_WITH_BODY
-    signature_input = _InnerList(
-        tuple(_Item(name, ()) for name in components),
+    signature_input = InnerList(
+        tuple(Item(name, ()) for name in components),
         (
             ("created", created),
             ("keyid", signer.key_id),
@@ -421,7 +176,7 @@ def sign_request(
         method=method, path=path, query=query, digest=digest, signature_input=signature_input
     )
     signature = base64.b64encode(signer.sign(base)).decode("ascii")
-    headers["Signature-Input"] = f"{SIGNATURE_LABEL}={_serialize_inner_list(signature_input)}"
+    headers["Signature-Input"] = f"{SIGNATURE_LABEL}={serialize_inner_list(signature_input)}"
     headers["Signature"] = f"{SIGNATURE_LABEL}=:{signature}:"
     return headers
 
@@ -451,17 +206,25 @@ def _field(headers: Mapping[str, str], name: str) -> str | None:
     return ", ".join(values)
 
 
+def _dictionary(field: str, text: str) -> dict[str, Member]:
+    """The header ``field`` read as a structured-field dictionary; a malformed one is refused (401)."""
+    try:
+        return parse_dictionary(field, text)
+    except StructuredFieldError as exc:
+        raise SignatureRefused(exc.detail) from None
+
+
 def _components_text(names: tuple[str, ...]) -> str:
     return "(" + " ".join(f'"{name}"' for name in names) + ")"
 
 
-def _check_components(inner: _InnerList, has_body: bool, digest_present: bool) -> bool:
+def _check_components(inner: InnerList, has_body: bool, digest_present: bool) -> bool:
     """Check the covered components against the profile; return whether the digest is covered."""
     for item in inner.items:
         if item.params:
             raise SignatureRefused(
-                f"covered component {_serialize_bare_item(item.value)} carries parameters "
-                f"{_serialize_params(item.params)!r}; this hub accepts plain component names only"
+                f"covered component {serialize_bare_item(item.value)} carries parameters "
+                f"{serialize_params(item.params)!r}; this hub accepts plain component names only"
             )
     names = tuple(str(item.value) for item in inner.items)
     if has_body:
@@ -487,14 +250,14 @@ def _check_components(inner: _InnerList, has_body: bool, digest_present: bool) -
     return False
 
 
-def _param(inner: _InnerList, name: str) -> _BareItem | None:
+def _param(inner: InnerList, name: str) -> BareItem | None:
     for key, value in inner.params:
         if key == name:
             return value
     return None
 
 
-def _check_key_id(inner: _InnerList) -> str:
+def _check_key_id(inner: InnerList) -> str:
     key_id = _param(inner, "keyid")
     if key_id is None:
         raise SignatureRefused(
@@ -503,7 +266,7 @@ def _check_key_id(inner: _InnerList) -> str:
         )
     if not isinstance(key_id, str):
         raise SignatureRefused(
-            f'keyid is {_serialize_bare_item(key_id)}; it must be a quoted string keyid="<name>+<hash>"'
+            f'keyid is {serialize_bare_item(key_id)}; it must be a quoted string keyid="<name>+<hash>"'
         )
     try:
         split_key_id(key_id)
@@ -512,28 +275,28 @@ def _check_key_id(inner: _InnerList) -> str:
     return key_id
 
 
-def _check_alg(inner: _InnerList) -> None:
+def _check_alg(inner: InnerList) -> None:
     alg = _param(inner, "alg")
     if alg is not None and alg != ALGORITHM:
         raise SignatureRefused(
-            f'alg is {_serialize_bare_item(alg)}; this hub accepts only alg="{ALGORITHM}" '
+            f'alg is {serialize_bare_item(alg)}; this hub accepts only alg="{ALGORITHM}" '
             "(or no alg parameter)"
         )
 
 
-def _integer_param(inner: _InnerList, name: str) -> int | None:
+def _integer_param(inner: InnerList, name: str) -> int | None:
     value = _param(inner, name)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
         raise SignatureRefused(
-            f"{name} is {_serialize_bare_item(value)}; it must be an integer number of "
+            f"{name} is {serialize_bare_item(value)}; it must be an integer number of "
             "seconds since the Unix epoch"
         )
     return value
 
 
-def _check_times(inner: _InnerList, now: int, max_skew: int) -> int:
+def _check_times(inner: InnerList, now: int, max_skew: int) -> int:
     created = _integer_param(inner, "created")
     if created is None:
         raise SignatureRefused(
@@ -558,8 +321,8 @@ def _check_times(inner: _InnerList, now: int, max_skew: int) -> int:
 
 def _check_content_digest(value: str, body: bytes) -> None:
     digests: dict[str, bytes] = {}
-    for algorithm, member in _Parser("Content-Digest", value).dictionary().items():
-        if not isinstance(member, _Item) or not isinstance(member.value, bytes):
+    for algorithm, member in _dictionary("Content-Digest", value).items():
+        if not isinstance(member, Item) or not isinstance(member.value, bytes):
             raise SignatureRefused(
                 f"malformed Content-Digest header: the {algorithm} member must be a byte sequence :<base64>:"
             )
@@ -609,8 +372,8 @@ def verify_request(
             f"the request has no {missing} header; sign it with HTTP Message Signatures "
             f"(RFC 9421), label {SIGNATURE_LABEL}, using your member key"
         )
-    inputs = _Parser("Signature-Input", input_text).dictionary()
-    signatures = _Parser("Signature", signature_text).dictionary()
+    inputs = _dictionary("Signature-Input", input_text)
+    signatures = _dictionary("Signature", signature_text)
     for field, members in (("Signature-Input", inputs), ("Signature", signatures)):
         if SIGNATURE_LABEL not in members:
             found = ", ".join(members) or "none"
@@ -619,13 +382,13 @@ def verify_request(
                 f"this hub verifies the signature labelled {SIGNATURE_LABEL}"
             )
     inner = inputs[SIGNATURE_LABEL]
-    if not isinstance(inner, _InnerList):
+    if not isinstance(inner, InnerList):
         raise SignatureRefused(
             f"malformed Signature-Input header: {SIGNATURE_LABEL} must be an inner list of "
             'covered components with parameters, like ("@method" "@path" "@query");created=...'
         )
     signature_item = signatures[SIGNATURE_LABEL]
-    if not isinstance(signature_item, _Item) or not isinstance(signature_item.value, bytes):
+    if not isinstance(signature_item, Item) or not isinstance(signature_item.value, bytes):
         raise SignatureRefused(
             f"malformed Signature header: {SIGNATURE_LABEL} must be a byte sequence :<base64 signature>:"
         )

@@ -87,6 +87,7 @@ class Node:
         signer: SignerKey | None = None,
         limits: Limits | None = None,
         index_dir: Path | None = None,
+        searchable: bool = True,
     ) -> None:
         self.store = store
         self.name = name
@@ -95,6 +96,9 @@ class Node:
         self.signer = signer
         self.limits = limits or Limits()
         self.indexes = IndexCatalog(store, index_dir)
+        self.searchable = searchable
+        """False for a node that only writes (admin commands): it keeps no search index,
+        and a serving hub catches its own index up from the store."""
         self._checkpoints: dict[str, tuple[int, str]] = {}
         self._checkpoint_lock = threading.Lock()
 
@@ -149,7 +153,8 @@ class Node:
             if existing is not None:
                 return Accepted(existing, created=False)
             raise
-        self.indexes.catch_up(collection)
+        if self.searchable:
+            self.indexes.catch_up(collection)
         return Accepted(entry, created=True)
 
     def create_collection(self, collection: str, grants: Sequence[Grant] = ()) -> Accepted:
@@ -209,7 +214,8 @@ class Node:
                     f"{collection}: the log size on record does not match its {frontier.size} entries"
                 )
         self.indexes.forget(collection)
-        self.indexes.catch_up(collection)
+        if self.searchable:
+            self.indexes.catch_up(collection)
         return frontier.size
 
     # ---- mirrored collections (federation.sync) ---------------------------
@@ -259,7 +265,7 @@ class Node:
                     raise Refusal(exc.status, exc.kind, f"entry {position}: {exc.detail}") from exc
             size = txn.log_size()
             check_root(size, merkle.root(txn, size))
-        if index:
+        if index and self.searchable:
             self.indexes.catch_up(source.name)
         return size
 

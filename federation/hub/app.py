@@ -12,10 +12,10 @@ from typing import TypeVar
 from aiohttp import web
 
 from ..config import HubConfig
-from ..httpsig import ReplayGuard
 from ..node import Node
 from ..sync.peering import Peering
 from .batching import LookupBatcher
+from .limits import ADMISSION, Admission, RequestGuard, handler_args, limit_middlewares, rate_limiter
 from .problems import MAX_BODY, problem_middleware
 
 T = TypeVar("T")
@@ -29,7 +29,8 @@ class HubRuntime:
 
     node: Node
     config: HubConfig
-    guard: ReplayGuard = field(default_factory=ReplayGuard)
+    guard: RequestGuard = field(default_factory=RequestGuard)
+    """Refuses replayed signatures and, when configured, keys over their rate limit."""
     writer: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="hashfed-writer")
     )
@@ -64,8 +65,16 @@ RUNTIME = web.AppKey("runtime", HubRuntime)
 def create_app(node: Node, config: HubConfig) -> web.Application:
     from .routes import add_routes
 
-    app = web.Application(middlewares=[problem_middleware], client_max_size=config.max_body_bytes)
-    runtime = HubRuntime(node, config)
+    # Limits (docs/operations.md): bodies read against a deadline, then admission,
+    # then rate-limit answers; problem_middleware renders whatever they refuse.
+    admission = Admission(config.max_inflight, config.max_queued, config.queue_timeout_seconds)
+    app = web.Application(
+        middlewares=[problem_middleware, *limit_middlewares(config, admission)],
+        client_max_size=config.max_body_bytes,
+        handler_args=handler_args(config),
+    )
+    app[ADMISSION] = admission
+    runtime = HubRuntime(node, config, guard=RequestGuard(rate_limiter(config)))
     if config.peers:  # member keys are read now: a bad peer configuration stops the start
         runtime.peering = Peering(node, config.peers)
     app[RUNTIME] = runtime

@@ -7,10 +7,11 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from ..httpsig import ReplayGuard, SignatureRefused, verify_request
+from ..httpsig import SignatureRefused, verify_request
 from ..keys import VerifierKey
 from ..node import Node
 from ..state import KeyRecord
+from .limits import RequestGuard
 from .problems import Problem
 
 
@@ -38,9 +39,12 @@ class Caller:
 
 
 def authenticate(
-    node: Node, guard: ReplayGuard, method: str, path: str, query: str, headers: object, body: bytes
+    node: Node, guard: RequestGuard, method: str, path: str, query: str, headers: object, body: bytes
 ) -> Caller:
-    """Verify the request signature (synchronously; call from a worker thread)."""
+    """Verify the request signature (synchronously; call from a worker thread).
+
+    ``guard`` then refuses a replay (401) and a key over its rate limit (429).
+    """
     memberships: dict[str, KeyRecord] = {}
 
     def resolve(key_id: str) -> VerifierKey | None:
@@ -71,7 +75,7 @@ def authenticate(
             resolve_key=resolve,
             now=now,
         )
-        guard.check_and_remember(verified.signature, now)
+        guard.admit(verified, now)
     except SignatureRefused as exc:
         digest = exc.status == 400 and "digest" in exc.detail
         raise Problem(

@@ -38,18 +38,17 @@ import json
 import math
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from contextlib import suppress
+from types import MappingProxyType
 from typing import cast
 
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 
 from ..config import HubConfig
 from ..httpsig import ReplayGuard, VerifiedRequest
 from .problems import PROBLEM_CONTENT_TYPE, PROBLEM_TYPE_PREFIX, Problem
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 
 EXEMPT_PATHS = frozenset({"/v1/health", "/v1/ready"})
 """Probes answer even when every slot is taken: they do no work worth shedding."""
@@ -65,11 +64,7 @@ REFUSED_CONNECTION_LINGER = 1.0
 """Seconds a connection over the limit is kept open after its 503, so the answer is
 read before the socket closes (closing over unread data resets the connection)."""
 
-_TITLES = {
-    408: "Request timeout",
-    429: "Too many requests",
-    503: "Overloaded",
-}
+_TITLES = MappingProxyType({408: "Request timeout", 429: "Too many requests", 503: "Overloaded"})
 
 
 def _problem_body(status: int, kind: str, detail: str) -> bytes:
@@ -296,8 +291,9 @@ async def _timed_out(request: web.Request, detail: str) -> web.StreamResponse:
     """Answer 408 and close the connection at once, not after aiohttp drains the rest of the body."""
     response = shed_response(408, "request-timeout", detail, None)
     response.force_close()
-    await response.prepare(request)
-    await response.write_eof()
+    with suppress(ConnectionError):  # the client left: there is no one to answer
+        await response.prepare(request)
+        await response.write_eof()
     request.protocol.force_close()
     return response
 

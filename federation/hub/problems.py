@@ -72,7 +72,10 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
             detail = f"no such endpoint: {request.method} {request.path}; see GET /v1/hub"
         elif exc.status == 405:
             detail = f"{request.method} is not allowed on {request.path}"
-        return problem_response(exc.status, _kind_of(exc), detail)
+        response = problem_response(exc.status, _kind_of(exc), detail)
+        if "Allow" in exc.headers:  # RFC 9110: a 405 says which methods are allowed
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
     except Exception:
         logging.getLogger("hashfed.hub").exception("unhandled error in %s %s", request.method, request.path)
         return problem_response(500, "internal", "the hub failed to handle this request; nothing was changed")

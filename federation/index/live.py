@@ -16,6 +16,7 @@ and replays only the listing changes recorded since that position.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -50,54 +51,88 @@ class _CollectionIndexes:
 
 
 class SnapshotFiles:
-    """``<dir>/<collection>.pdq.npy`` (sorted live codes) and ``.json`` (the position they reflect)."""
+    """``<dir>/<collection>.pdq.npy`` (the live codes) and ``.json`` (their position and checksum).
+
+    Each file is written to a temporary name and renamed into place. The
+    metadata carries a SHA-256 of the codes, so a crash between the two
+    renames, a torn write or a stale pair is detected at load and the snapshot
+    ignored (the index is then built from the store). Two saves racing each
+    other never leave the older one in place: a save whose position is not
+    newer than the one on disk is dropped.
+    """
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
+        self._lock = threading.Lock()
 
     def _paths(self, collection: str) -> tuple[Path, Path]:
         stem = quote(collection, safe="")
         return self.directory / f"{stem}.pdq.npy", self.directory / f"{stem}.pdq.json"
 
+    def _meta(self, path: Path) -> dict[str, object] | None:
+        try:
+            meta = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        return meta if isinstance(meta, dict) else None
+
     def save(self, collection: str, position: int, codes: Codes) -> None:
         codes_path, meta_path = self._paths(collection)
         self.directory.mkdir(parents=True, exist_ok=True)
-        for path, write in (
-            (codes_path, lambda handle: np.save(handle, codes, allow_pickle=False)),
-            (
-                meta_path,
-                lambda handle: handle.write(
-                    json.dumps(
-                        {"format": SNAPSHOT_FORMAT, "position": position, "count": len(codes)}
-                    ).encode()
-                ),
-            ),
-        ):
-            tmp = path.with_name(path.name + ".tmp")
-            with open(tmp, "wb") as handle:
-                write(handle)
+        codes = np.ascontiguousarray(codes)
+        meta = {
+            "format": SNAPSHOT_FORMAT,
+            "position": position,
+            "count": len(codes),
+            "sha256": hashlib.sha256(codes.data).hexdigest(),
+        }
+        unique = f".{os.getpid()}.{threading.get_ident()}.tmp"
+        codes_tmp = codes_path.with_name(codes_path.name + unique)
+        meta_tmp = meta_path.with_name(meta_path.name + unique)
+        try:
+            with open(codes_tmp, "wb") as handle:
+                np.save(handle, codes, allow_pickle=False)
                 handle.flush()
                 os.fsync(handle.fileno())
-            os.replace(tmp, path)
+            with open(meta_tmp, "wb") as handle:
+                handle.write(json.dumps(meta).encode())
+                handle.flush()
+                os.fsync(handle.fileno())
+            with self._lock:
+                current = self._meta(meta_path)
+                on_disk = current.get("position") if current else None
+                if isinstance(on_disk, int) and on_disk > position:
+                    return  # a newer snapshot landed while this one was being written
+                os.replace(codes_tmp, codes_path)
+                os.replace(meta_tmp, meta_path)
+        finally:
+            codes_tmp.unlink(missing_ok=True)
+            meta_tmp.unlink(missing_ok=True)
 
     def load(self, collection: str) -> tuple[int, Codes] | None:
         """The snapshot of a collection, or None if there is none or it is unusable."""
         codes_path, meta_path = self._paths(collection)
-        try:
-            meta = json.loads(meta_path.read_text())
-            codes = np.load(codes_path, allow_pickle=False)
-        except (OSError, ValueError):
+        meta = self._meta(meta_path)
+        if meta is None:
             return None
+        try:
+            codes = np.load(codes_path, allow_pickle=False)
+        except (OSError, ValueError, EOFError):
+            log.warning("ignoring the unreadable index snapshot of %s", collection)
+            return None
+        position = meta.get("position")
         if (
             meta.get("format") != SNAPSHOT_FORMAT
+            or not isinstance(position, int)
             or codes.dtype != np.uint8
             or codes.ndim != 2
             or codes.shape[1] != 32
             or len(codes) != meta.get("count")
+            or hashlib.sha256(np.ascontiguousarray(codes).data).hexdigest() != meta.get("sha256")
         ):
             log.warning("ignoring the unusable index snapshot of %s", collection)
             return None
-        return int(meta["position"]), codes
+        return position, codes
 
 
 class IndexCatalog:

@@ -4,6 +4,9 @@ Each thread gets its own connection. Writes take ``BEGIN IMMEDIATE`` so the
 hub and a CLI command writing to the same file (``hashfed member grant``
 while the hub serves) are serialised by SQLite itself, and commit with
 ``synchronous=FULL`` so an acknowledged entry survives a crash or power loss.
+
+The tables and their version are in :mod:`.sqlite_schema`; the SQL for
+mirrored collections (``sources``, ``evidence``) is in :mod:`.sqlite_sources`.
 """
 
 from __future__ import annotations
@@ -19,64 +22,10 @@ from ..keys import VerifierKey
 from ..merkle import HashKey, append_keys, hashes_to_store, leaf_hash
 from ..state import KeyRecord, ListingChange
 from .base import EntryRecord, ListingDetail, SourceRecord, StoreError
+from .sqlite_schema import PROJECTION_TABLES, SCHEMA, SCHEMA_VERSION, ensure_schema
+from .sqlite_sources import read_evidence, read_source, read_sources, record_evidence, record_source
 
-SCHEMA_VERSION = 1
-PROJECTION_TABLES = ("keys", "seqs", "listings", "opinions", "changes")
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS collections (
-    name TEXT PRIMARY KEY,
-    size INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS entries (
-    collection TEXT NOT NULL, idx INTEGER NOT NULL, leaf_hash BLOB NOT NULL, data BLOB NOT NULL,
-    PRIMARY KEY (collection, idx)
-) WITHOUT ROWID;
-CREATE UNIQUE INDEX IF NOT EXISTS entries_by_leaf ON entries (collection, leaf_hash);
-CREATE TABLE IF NOT EXISTS tree (
-    collection TEXT NOT NULL, level INTEGER NOT NULL, idx INTEGER NOT NULL, hash BLOB NOT NULL,
-    PRIMARY KEY (collection, level, idx)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS keys (
-    collection TEXT NOT NULL, key_id TEXT NOT NULL, key TEXT NOT NULL, rights TEXT NOT NULL,
-    granted INTEGER NOT NULL, revoked INTEGER,
-    PRIMARY KEY (collection, key_id)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS keys_by_id ON keys (key_id);
-CREATE TABLE IF NOT EXISTS seqs (
-    collection TEXT NOT NULL, key_id TEXT NOT NULL, seq INTEGER NOT NULL,
-    PRIMARY KEY (collection, key_id)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS listings (
-    collection TEXT NOT NULL, type TEXT NOT NULL, hash TEXT NOT NULL, member TEXT NOT NULL,
-    labels TEXT NOT NULL, quality INTEGER, since INTEGER NOT NULL,
-    PRIMARY KEY (collection, type, hash, member)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS opinions (
-    collection TEXT NOT NULL, type TEXT NOT NULL, hash TEXT NOT NULL, member TEXT NOT NULL,
-    verdict TEXT NOT NULL, note TEXT, idx INTEGER NOT NULL,
-    PRIMARY KEY (collection, type, hash, member)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS changes (
-    collection TEXT NOT NULL, idx INTEGER NOT NULL, ordinal INTEGER NOT NULL,
-    type TEXT NOT NULL, hash TEXT NOT NULL, listed INTEGER NOT NULL,
-    PRIMARY KEY (collection, idx, ordinal)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS sources (
-    name TEXT PRIMARY KEY, hub TEXT NOT NULL, origin_collection TEXT NOT NULL, key TEXT NOT NULL,
-    federation TEXT NOT NULL, url TEXT NOT NULL, checkpoint TEXT, target TEXT,
-    forked INTEGER NOT NULL DEFAULT 0
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS evidence (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, source TEXT NOT NULL, detected TEXT NOT NULL, body TEXT NOT NULL
-);
-"""
-"""Tables ``sources`` and ``evidence`` (mirrored collections, federation.sync) were added
-after version 1 without changing it: ``CREATE TABLE IF NOT EXISTS`` adds them to an
-older file on open, and nothing that reads version 1 needs them."""
-
-_SOURCE_COLUMNS = "name, hub, origin_collection, key, federation, url, checkpoint, target, forked"
+__all__ = ["PROJECTION_TABLES", "SCHEMA", "SCHEMA_VERSION", "SqliteStore", "SqliteTxn"]
 
 
 def _read_tree(conn: sqlite3.Connection, collection: str, keys: Sequence[HashKey]) -> list[bytes]:
@@ -110,11 +59,6 @@ def _key_record(
         if parsed is not None:
             parsed[key_text] = key
     return KeyRecord(key, frozenset(json.loads(rights)), granted, revoked)
-
-
-def _source_record(row: tuple[str, str, str, str, str, str, str | None, str | None, int]) -> SourceRecord:
-    name, hub, collection, key, federation, url, checkpoint, target, forked = row
-    return SourceRecord(name, hub, collection, key, federation, url, checkpoint, target, bool(forked))
 
 
 class SqliteTxn:
@@ -277,17 +221,7 @@ class SqliteStore:
         self._connections: list[sqlite3.Connection] = []
         self._parsed_keys: dict[str, VerifierKey] = {}
         self._lock = threading.Lock()
-        conn = self._conn()
-        conn.executescript(SCHEMA)
-        conn.execute(
-            "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
-            (str(SCHEMA_VERSION),),
-        )
-        version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
-        if int(version) != SCHEMA_VERSION:
-            raise StoreError(
-                f"{path} has schema version {version}; this hashfed reads version {SCHEMA_VERSION}"
-            )
+        ensure_schema(self._conn(), path)
 
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
@@ -482,22 +416,18 @@ class SqliteStore:
                     )
         return result
 
-    # ---- mirrored collections ---------------------------------------------
+    # ---- mirrored collections (SQL in .sqlite_sources) ---------------------
 
     def sources(self) -> list[SourceRecord]:
         version, cached = self._unchanged_since("sources")
         if isinstance(cached, list):
             return list(cached)
-        rows = self._conn().execute(f"SELECT {_SOURCE_COLUMNS} FROM sources ORDER BY name").fetchall()
-        records = [_source_record(row) for row in rows]
+        records = read_sources(self._conn())
         self._remember("sources", version, records)
         return list(records)
 
     def source(self, name: str) -> SourceRecord | None:
-        row = (
-            self._conn().execute(f"SELECT {_SOURCE_COLUMNS} FROM sources WHERE name = ?", (name,)).fetchone()
-        )
-        return _source_record(row) if row else None
+        return read_source(self._conn(), name)
 
     @contextmanager
     def write_source(self, record: SourceRecord) -> Iterator[SqliteTxn]:
@@ -511,38 +441,7 @@ class SqliteStore:
         conn = self._conn()
         conn.execute("BEGIN IMMEDIATE")
         try:
-            row = conn.execute(
-                f"SELECT {_SOURCE_COLUMNS} FROM sources WHERE name = ?", (record.name,)
-            ).fetchone()
-            if row is not None:
-                existing = _source_record(row)
-                identity = (existing.hub, existing.collection, existing.key, existing.federation)
-                if identity != (record.hub, record.collection, record.key, record.federation):
-                    raise StoreError(f"source {record.name} is already recorded with another origin or key")
-                if existing.forked:
-                    raise StoreError(f"source {record.name} is stopped: fork evidence was recorded for it")
-            elif conn.execute("SELECT 1 FROM collections WHERE name = ?", (record.name,)).fetchone():
-                raise StoreError(f"collection {record.name} exists and is not a mirrored collection")
-            else:
-                conn.execute("INSERT INTO collections (name) VALUES (?)", (record.name,))
-            conn.execute(
-                f"INSERT INTO sources ({_SOURCE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0) "
-                "ON CONFLICT (name) DO UPDATE SET url = excluded.url, checkpoint = excluded.checkpoint, "
-                "target = excluded.target",
-                (
-                    record.name,
-                    record.hub,
-                    record.collection,
-                    record.key,
-                    record.federation,
-                    record.url,
-                    record.checkpoint,
-                    record.target,
-                ),
-            )
-            size = int(
-                conn.execute("SELECT size FROM collections WHERE name = ?", (record.name,)).fetchone()[0]
-            )
+            size = record_source(conn, record)
             yield SqliteTxn(conn, record.name, size)
         except BaseException:
             conn.execute("ROLLBACK")
@@ -554,17 +453,11 @@ class SqliteStore:
         conn = self._conn()
         conn.execute("BEGIN IMMEDIATE")
         try:
-            updated = conn.execute("UPDATE sources SET forked = 1 WHERE name = ?", (name,)).rowcount
-            if not updated:
-                raise StoreError(f"no mirrored collection named {name}")
-            conn.execute(
-                "INSERT INTO evidence (source, detected, body) VALUES (?, ?, ?)", (name, detected, body)
-            )
+            record_evidence(conn, name, detected, body)
         except BaseException:
             conn.execute("ROLLBACK")
             raise
         conn.execute("COMMIT")
 
     def evidence(self, name: str) -> list[str]:
-        rows = self._conn().execute("SELECT body FROM evidence WHERE source = ? ORDER BY id", (name,))
-        return [str(row[0]) for row in rows]
+        return read_evidence(self._conn(), name)

@@ -1,0 +1,288 @@
+"""Structured field values (RFC 8941): the subset hashfed's request signatures use.
+
+``parse_dictionary`` is a small strict reader for dictionaries whose members
+are inner lists of strings or bare items (byte sequences, mostly), with
+parameter values that are integers, strings, tokens or booleans. It is not a
+general RFC 8941 parser: anything else (decimals, dates, display strings,
+byte-sequence parameters, inner lists of other than strings, a key given
+twice) is refused with a ``StructuredFieldError`` whose detail says what was
+found and where. The ``serialize_*`` functions write the same items back in
+RFC 8941's canonical form.
+
+Used by :mod:`federation.httpsig` (``Signature-Input``, ``Signature`` and
+``Content-Digest``). Pure functions, no I/O.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import string
+from dataclasses import dataclass
+from typing import TypeAlias
+
+_DETAIL_EXCERPT = 200
+
+
+class StructuredFieldError(ValueError):
+    """A field value outside the subset read here; ``detail`` (also the message) says what and where."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Token:
+    """An RFC 8941 token, kept apart from strings: ``alg=ed25519`` is not ``alg="ed25519"``."""
+
+    value: str
+
+
+BareItem: TypeAlias = bool | int | str | bytes | Token
+Params: TypeAlias = tuple[tuple[str, BareItem], ...]
+
+
+@dataclass(frozen=True)
+class Item:
+    value: BareItem
+    params: Params
+
+
+@dataclass(frozen=True)
+class InnerList:
+    items: tuple[Item, ...]
+    params: Params
+
+
+Member: TypeAlias = Item | InnerList
+
+_DIGITS = frozenset(string.digits)
+_ALPHA = frozenset(string.ascii_letters)
+_LCALPHA = frozenset(string.ascii_lowercase)
+_KEY_FIRST = _LCALPHA | {"*"}
+_KEY_REST = _KEY_FIRST | _DIGITS | {"_", "-", "."}
+_TCHAR = _ALPHA | _DIGITS | frozenset("!#$%&'*+-.^_`|~")
+_TOKEN_REST = _TCHAR | {":", "/"}
+_BASE64 = _ALPHA | _DIGITS | {"+", "/", "="}
+_MAX_INTEGER_DIGITS = 15
+
+
+class _Parser:
+    """Reads one RFC 8941 dictionary from a field value, refusing what the profile does not use."""
+
+    def __init__(self, field: str, text: str) -> None:
+        self.field = field
+        self.text = text.strip(" \t")
+        self.pos = 0
+
+    def fail(self, message: str) -> StructuredFieldError:
+        excerpt = self.text
+        if len(excerpt) > _DETAIL_EXCERPT:
+            excerpt = excerpt[:_DETAIL_EXCERPT] + "..."
+        return StructuredFieldError(
+            f"malformed {self.field} header: {message} (at character {self.pos} of {excerpt!r}); "
+            "it must be a structured-field dictionary (RFC 8941) as RFC 9421/9530 describe"
+        )
+
+    def peek(self) -> str:
+        return self.text[self.pos] if self.pos < len(self.text) else ""
+
+    def at_end(self) -> bool:
+        return self.pos >= len(self.text)
+
+    def skip(self, chars: str) -> None:
+        while self.pos < len(self.text) and self.text[self.pos] in chars:
+            self.pos += 1
+
+    def dictionary(self) -> dict[str, Member]:
+        members: dict[str, Member] = {}
+        if self.at_end():
+            return members
+        while True:
+            key = self.key()
+            if key in members:
+                # RFC 8941 would let the last one win; two different signatures
+                # under one label are refused rather than silently picked from.
+                raise self.fail(f"the key {key!r} appears more than once")
+            if self.peek() != "=":
+                raise self.fail(f"member {key!r} has no value ('=' expected)")
+            self.pos += 1
+            if self.peek() == "(":
+                members[key] = self.inner_list()
+            else:
+                members[key] = Item(self.bare_item(), self.parameters())
+            self.skip(" \t")
+            if self.at_end():
+                return members
+            if self.peek() != ",":
+                raise self.fail(f"expected ',' after member {key!r}")
+            self.pos += 1
+            self.skip(" \t")
+            if self.at_end():
+                raise self.fail("the value ends with a ','")
+
+    def key(self) -> str:
+        start = self.pos
+        if self.peek() not in _KEY_FIRST:
+            raise self.fail("expected a key (a lowercase letter or '*' first)")
+        self.pos += 1
+        while self.peek() in _KEY_REST:
+            self.pos += 1
+        return self.text[start : self.pos]
+
+    def inner_list(self) -> InnerList:
+        self.pos += 1  # "("
+        items: list[Item] = []
+        while True:
+            self.skip(" ")
+            if self.peek() == ")":
+                self.pos += 1
+                return InnerList(tuple(items), self.parameters())
+            if self.at_end():
+                raise self.fail("an inner list is not closed with ')'")
+            value = self.bare_item()
+            if not isinstance(value, str):
+                raise self.fail("inner-list members must be strings (quoted component names)")
+            items.append(Item(value, self.parameters()))
+            if self.at_end():
+                raise self.fail("an inner list is not closed with ')'")
+            if self.peek() not in (" ", ")"):
+                raise self.fail("expected a space or ')' after an inner-list member")
+
+    def parameters(self) -> Params:
+        params: list[tuple[str, BareItem]] = []
+        while self.peek() == ";":
+            self.pos += 1
+            self.skip(" ")
+            key = self.key()
+            if any(existing == key for existing, _ in params):
+                raise self.fail(f"the parameter {key!r} appears more than once")
+            value: BareItem = True
+            if self.peek() == "=":
+                self.pos += 1
+                value = self.bare_item()
+                if isinstance(value, bytes):
+                    raise self.fail(f"parameter {key!r} is a byte sequence, which is not used here")
+            params.append((key, value))
+        return tuple(params)
+
+    def bare_item(self) -> BareItem:
+        char = self.peek()
+        if char == '"':
+            return self.string()
+        if char == ":":
+            return self.byte_sequence()
+        if char == "?":
+            return self.boolean()
+        if char == "-" or char in _DIGITS:
+            return self.integer()
+        if char in _ALPHA or char == "*":
+            return self.token()
+        if char == "@":
+            raise self.fail("dates are not used here")
+        if char == "%":
+            raise self.fail("display strings are not used here")
+        raise self.fail("expected an integer, string, token, boolean or byte sequence")
+
+    def integer(self) -> int:
+        start = self.pos
+        if self.peek() == "-":
+            self.pos += 1
+        digits_start = self.pos
+        while self.peek() in _DIGITS:
+            self.pos += 1
+        count = self.pos - digits_start
+        if count == 0:
+            raise self.fail("expected a digit")
+        if self.peek() == ".":
+            raise self.fail("decimal numbers are not used here; use an integer")
+        if count > _MAX_INTEGER_DIGITS:
+            raise self.fail(f"an integer has at most {_MAX_INTEGER_DIGITS} digits")
+        return int(self.text[start : self.pos])
+
+    def string(self) -> str:
+        self.pos += 1  # opening quote
+        chars: list[str] = []
+        while not self.at_end():
+            char = self.text[self.pos]
+            self.pos += 1
+            if char == "\\":
+                escaped = self.peek()
+                if escaped not in ('"', "\\"):
+                    raise self.fail('only \\" and \\\\ may be escaped in a string')
+                chars.append(escaped)
+                self.pos += 1
+            elif char == '"':
+                return "".join(chars)
+            elif not " " <= char <= "~":
+                raise self.fail("a string holds printable ASCII only")
+            else:
+                chars.append(char)
+        raise self.fail("a string is not closed with '\"'")
+
+    def token(self) -> Token:
+        start = self.pos
+        self.pos += 1
+        while self.peek() in _TOKEN_REST:
+            self.pos += 1
+        return Token(self.text[start : self.pos])
+
+    def boolean(self) -> bool:
+        self.pos += 1  # "?"
+        char = self.peek()
+        if char not in ("0", "1"):
+            raise self.fail("a boolean is ?0 or ?1")
+        self.pos += 1
+        return char == "1"
+
+    def byte_sequence(self) -> bytes:
+        self.pos += 1  # opening ":"
+        end = self.text.find(":", self.pos)
+        if end < 0:
+            raise self.fail("a byte sequence is not closed with ':'")
+        encoded = self.text[self.pos : end]
+        if any(char not in _BASE64 for char in encoded):
+            raise self.fail("a byte sequence holds standard base64 only")
+        # RFC 8941 §4.2.7: parsers should not fail on missing "=" padding.
+        if "=" not in encoded:
+            encoded += "=" * (-len(encoded) % 4)
+        try:
+            value = base64.b64decode(encoded, validate=True)
+        except (binascii.Error, ValueError):
+            raise self.fail("a byte sequence is not valid base64") from None
+        self.pos = end + 1
+        return value
+
+
+def parse_dictionary(field: str, text: str) -> dict[str, Member]:
+    """Read the value ``text`` of the header ``field`` (named in errors) as an RFC 8941 dictionary.
+
+    Raises ``StructuredFieldError`` for anything outside the subset described above.
+    """
+    return _Parser(field, text).dictionary()
+
+
+def serialize_bare_item(value: BareItem) -> str:
+    if isinstance(value, bool):
+        return "?1" if value else "?0"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, Token):
+        return value.value
+    return ":" + base64.b64encode(value).decode("ascii") + ":"
+
+
+def serialize_params(params: Params) -> str:
+    return "".join(
+        f";{key}" if value is True else f";{key}={serialize_bare_item(value)}" for key, value in params
+    )
+
+
+def serialize_inner_list(inner: InnerList) -> str:
+    members = " ".join(
+        serialize_bare_item(item.value) + serialize_params(item.params) for item in inner.items
+    )
+    return f"({members}){serialize_params(inner.params)}"
