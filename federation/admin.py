@@ -71,13 +71,12 @@ def list_members(data: DataDir) -> list[tuple[str, KeyRecord]]:
 
 def rebuild(data: DataDir) -> dict[str, int]:
     """Replay every collection's log into a fresh projection; return entries replayed per collection."""
-    node = open_node(data, searchable=False)
-    try:
-        replayed = {collection: node.rebuild(collection) for collection in node.collections()}
-    finally:
-        node.store.close()
-    # Index snapshots are derived from the projection just rebuilt: drop them, and
-    # the next start builds the indexes from the rebuilt projection.
+    # Index snapshots derive from the projection about to be rebuilt: drop them first
+    # (a crash mid-way must not leave old ones), and the next start builds afresh.
     for snapshot in data.index_dir.glob("*.pdq.*"):
         snapshot.unlink()
-    return replayed
+    node = open_node(data, searchable=False)
+    try:
+        return {collection: node.rebuild(collection) for collection in node.collections()}
+    finally:
+        node.store.close()

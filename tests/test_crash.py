@@ -43,6 +43,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -421,7 +422,11 @@ def check_snapshot(data: DataDir, collection: str = COLLECTION) -> str:
     exactly when a hash unchanged since the snapshot's position is held by
     the snapshot but not listed, or listed but not held.
     """
-    loaded = SnapshotFiles(data.index_dir).load(collection)
+    with tempfile.TemporaryDirectory() as scratch:  # a copy: loading may tidy the directory it reads
+        for path in data.index_dir.glob("*.pdq.*"):
+            if not path.name.endswith(".tmp"):
+                shutil.copy2(path, Path(scratch) / path.name)
+        loaded = SnapshotFiles(Path(scratch)).load(collection)
     if loaded is None:
         return "none"
     position, codes = loaded

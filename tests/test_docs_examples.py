@@ -74,7 +74,14 @@ def _problem_kinds_in_code() -> dict[str, set[int]]:
             if isinstance(node, ast.Call) and len(node.args) >= 2:
                 callee = node.func
                 name = callee.id if isinstance(callee, ast.Name) else getattr(callee, "attr", "")
-                if name in ("Problem", "Refusal", "problem_response"):
+                if name in (
+                    "Problem",
+                    "Refusal",
+                    "problem_response",
+                    "shed_response",
+                    "_problem_body",
+                    "__init__",
+                ):
                     found.append(node.args[1])
                     first = node.args[0]
                     if isinstance(first, ast.Constant) and isinstance(first.value, int):

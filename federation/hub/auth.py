@@ -45,24 +45,18 @@ def authenticate(
 
     ``guard`` then refuses a replay (401) and a key over its rate limit (429).
     """
-    memberships: dict[str, KeyRecord] = {}
+    records: list[tuple[str, KeyRecord]] = []
 
     def resolve(key_id: str) -> VerifierKey | None:
         if key_id == node.hub_key.key_id:
             return node.hub_key
-        records = node.store.key_memberships(key_id)
-        for collection, record in records:
-            if record.active:
-                memberships[collection] = record
-        if memberships:
-            return next(iter(memberships.values())).key
-        if records:
-            collection, record = records[0]
-            raise SignatureRefused(
-                f"key {key_id} was revoked at log index {record.revoked_index} of collection {collection}; "
-                "sign with a current key"
-            )
-        return None
+        records.extend(node.store.key_memberships(key_id))
+        keys = {record.key for _, record in records}
+        if len(keys) > 1:
+            # A key id names a key by a 32-bit hash: two different keys granted
+            # under one id (in different collections) must not lend each other rights.
+            raise SignatureRefused(f"key id {key_id} names more than one key on this hub; use another key")
+        return next(iter(keys)) if keys else None
 
     now = int(time.time())
     try:
@@ -75,6 +69,15 @@ def authenticate(
             resolve_key=resolve,
             now=now,
         )
+        memberships = {collection: record for collection, record in records if record.active}
+        if records and not memberships:
+            # Said only now that the signature has verified with that very key, so
+            # a caller without it learns nothing about the key's history.
+            collection, record = records[0]
+            raise SignatureRefused(
+                f"key {verified.key_id} was revoked at log index {record.revoked_index} "
+                f"of collection {collection}; sign with a current key"
+            )
         guard.admit(verified, now)
     except SignatureRefused as exc:
         digest = exc.status == 400 and "digest" in exc.detail

@@ -110,8 +110,14 @@ class SnapshotFiles:
             meta_tmp.unlink(missing_ok=True)
 
     def load(self, collection: str) -> tuple[int, Codes] | None:
-        """The snapshot of a collection, or None if there is none or it is unusable."""
+        """The snapshot of a collection, or None if there is none or it is unusable.
+
+        Loading happens before this process can be saving the same collection,
+        so temporary files left by a save that was killed are removed here.
+        """
         codes_path, meta_path = self._paths(collection)
+        for stale in self.directory.glob(f"{quote(collection, safe='')}.pdq.*.tmp"):
+            stale.unlink(missing_ok=True)
         meta = self._meta(meta_path)
         if meta is None:
             return None

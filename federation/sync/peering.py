@@ -98,10 +98,20 @@ class _Peer:
 
 
 def _describe(exc: BaseException) -> str:
+    """A summary for the public ``/v1/peers``: no entry details, which the hub's log keeps.
+
+    A refused span's message can quote member key ids or hashes of the peer's
+    log; anyone may read ``/v1/peers``, so it names only the kind of failure.
+    """
     if isinstance(exc, HubError):
-        return str(exc)[:500]
-    text = str(exc) or type(exc).__name__
-    return f"{type(exc).__name__}: {text}"[:500]
+        if exc.status == 0:
+            timed_out = "timeout" in exc.detail.lower()
+            return (
+                "the peer did not answer in time (timeout)" if timed_out else "the peer could not be reached"
+            )
+        reason = exc.kind.rsplit(":", 1)[-1] if exc.kind else "no problem type"
+        return f"the peer answered {exc.status} ({reason})"
+    return f"{type(exc).__name__} (details in the hub's log)"
 
 
 class Peering:
@@ -217,7 +227,7 @@ class Peering:
             ok = False
             state.state = "error"
             state.last_error, state.last_error_at = _describe(exc), utc_now()
-            log.warning("peer %s: syncing %s failed: %s", puller.spec.url, puller.spec.name, state.last_error)
+            log.warning("peer %s: syncing %s failed: %s", puller.spec.url, puller.spec.name, exc)
         else:
             state.state = "ok"
             state.last_sync = utc_now()
