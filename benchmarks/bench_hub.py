@@ -23,21 +23,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import platform
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
+from benchmarks.common import DOCS, free_port, hexes, memory_of, serving, wait_ready, write_docs_section
 from benchmarks.corpus import make_corpus, make_queries
 from federation.admin import change_membership, init_hub
 from federation.client import HubClient
@@ -48,13 +45,6 @@ from federation.keys import SignerKey
 
 COLLECTION = "bench"
 BATCH = 100_000
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
-START, END = "<!-- bench_hub:start -->", "<!-- bench_hub:end -->"
-
-
-def hexes(codes: np.ndarray) -> list[str]:
-    raw = np.ascontiguousarray(codes).view(np.uint8).reshape(-1, 32)
-    return [row.tobytes().hex() for row in raw]
 
 
 def build_hub(directory: Path, size: int, corpus: str, member: SignerKey) -> tuple[DataDir, float]:
@@ -78,56 +68,6 @@ def build_hub(directory: Path, size: int, corpus: str, member: SignerKey) -> tup
     node.indexes.snapshot_all()
     node.store.close()
     return data, took
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextlib.contextmanager
-def serving(data: DataDir, port: int) -> Iterator[subprocess.Popen[bytes]]:
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "federation",
-            "serve",
-            str(data.path),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        yield process
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
-
-
-async def wait_ready(url: str, timeout: float = 600) -> float:
-    started = time.perf_counter()
-    async with HubClient(url, retries=0) as client:
-        while time.perf_counter() - started < timeout:
-            if await client.ready():
-                return time.perf_counter() - started
-            await asyncio.sleep(0.05)
-    raise TimeoutError("the hub did not become ready")
-
-
-def memory_of(pid: int) -> tuple[int, int]:
-    """(VmRSS, VmHWM) of a process in bytes."""
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            fields[key] = int(value.split()[0]) * 1024
-    return fields["VmRSS"], fields["VmHWM"]
 
 
 @dataclass
@@ -245,18 +185,6 @@ def report(size: int, corpus: str, ingest_s: float, figures: dict[str, object], 
     return "\n".join(lines)
 
 
-def write_docs(section: str) -> None:
-    text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
-    block = f"{START}\n{section}\n{END}"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        _, tail = rest.split(END, 1)
-        text = head + block + tail
-    else:
-        text = text.rstrip("\n") + "\n\n## End to end\n\n" + block + "\n"
-    DOCS.write_text(text)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -277,7 +205,7 @@ def main() -> int:
     section = report(args.size, args.corpus, ingest_s, figures, command)
     print(section)
     if args.write_docs:
-        write_docs(section)
+        write_docs_section("bench_hub", "End to end", section)
     return 0
 
 

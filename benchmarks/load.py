@@ -49,7 +49,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import numpy as np
 
-from benchmarks.bench_hub import free_port, hexes, memory_of, serving, wait_ready
+from benchmarks.common import DOCS, free_port, hexes, memory_of, serving, wait_ready, write_docs_section
 from benchmarks.corpus import make_corpus, make_queries
 from federation.admin import change_membership, init_hub
 from federation.config import DataDir
@@ -65,8 +65,6 @@ SUBMIT_ITEMS = 10
 CLIENT_COUNTS = (1, 16, 64)
 SOAK_CLIENTS = 16
 RSS_INTERVAL = 10.0
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
-START, END = "<!-- bench_load:start -->", "<!-- bench_load:end -->"
 OPERATIONS = ("single lookup", "batch lookup", "submission")
 WEIGHTS = (0.60, 0.25, 0.15)
 OVERLOADS: tuple[dict[str, float], ...] = (
@@ -371,18 +369,6 @@ def report(
     return "\n".join(lines) + "\n"
 
 
-def write_docs(section: str) -> None:
-    text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
-    block = f"{START}\n{section}{END}"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        _, tail = rest.split(END, 1)
-        text = head + block + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    DOCS.write_text(text)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -466,7 +452,8 @@ def main() -> int:
         section = report(outcomes, command, args.size, args.corpus, args.batch, args.note)
     print(section)
     if args.write_docs:
-        write_docs(section)
+        # The section ends with a newline of its own: no further one before the end marker.
+        write_docs_section("bench_load", None, section.removesuffix("\n"))
     return 0
 
 

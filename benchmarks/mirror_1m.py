@@ -23,23 +23,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import platform
 import resource
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import numpy as np
 
+from benchmarks.common import DOCS, free_port, hexes, serving, wait_ready, write_docs_section
 from benchmarks.corpus import make_corpus
 from federation import merkle
 from federation.admin import change_membership, init_hub
@@ -55,13 +52,6 @@ from federation.sync.puller import ByteCounter, Puller, SourceSpec, SyncProgress
 COLLECTION = "bench"
 HUB_NAME = "bench-hub"
 BATCH = 100_000
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
-START, END = "<!-- bench_mirror:start -->", "<!-- bench_mirror:end -->"
-
-
-def hexes(codes: np.ndarray) -> list[str]:
-    raw = np.ascontiguousarray(codes).view(np.uint8).reshape(-1, 32)
-    return [row.tobytes().hex() for row in raw]
 
 
 def build(directory: Path, size: int, corpus: str) -> None:
@@ -92,48 +82,6 @@ def build(directory: Path, size: int, corpus: str) -> None:
             file=sys.stderr,
         )
     node.store.close()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextlib.contextmanager
-def serving(data: DataDir, port: int) -> Iterator[None]:
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "federation",
-            "serve",
-            str(data.path),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        yield
-    finally:
-        process.terminate()
-        process.wait(timeout=120)
-
-
-async def wait_ready(url: str, timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
-            with contextlib.suppress(aiohttp.ClientError):
-                async with session.get(url + "/v1/ready") as response:
-                    if response.status == 200:
-                        return
-            await asyncio.sleep(0.2)
-    raise RuntimeError(f"{url} did not become ready")
 
 
 async def mirror(url: str, directory: Path, hub_key: str) -> dict[str, Any]:
@@ -238,19 +186,6 @@ def report(
     return "\n".join(lines)
 
 
-def write_docs(section: str) -> None:
-    """Replace only the text between this benchmark's markers (create the file or section if missing)."""
-    text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
-    block = f"{START}\n{section}\n{END}"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        _, tail = rest.split(END, 1)
-        text = head + block + tail
-    else:
-        text = text.rstrip("\n") + "\n\n## Mirroring\n\n" + block + "\n"
-    DOCS.write_text(text)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -278,7 +213,7 @@ def main() -> int:
         data = DataDir(directory / "hub")
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        with serving(data, port):
+        with serving(data, port, stop_timeout=120):
             asyncio.run(wait_ready(url))
             print("mirroring", file=sys.stderr)
             figures = asyncio.run(mirror(url, directory / "mirror", data.verifier_file.read_text().strip()))
@@ -286,7 +221,7 @@ def main() -> int:
     section = report(args.size, args.corpus, build_s, figures, found, command)
     print(section)
     if args.write_docs:
-        write_docs(section)
+        write_docs_section("bench_mirror", "Mirroring", section)
     return 0
 
 

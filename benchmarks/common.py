@@ -1,0 +1,98 @@
+"""Helpers shared by the benchmarks that run a hub: hashes as hex, a hub served in a
+child process on loopback, its memory, and the figures written into docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from federation.client import HubClient
+from federation.config import DataDir
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+
+
+def hexes(codes: npt.NDArray[np.uint64]) -> list[str]:
+    """PDQ codes (rows of four uint64) as 64-character hex strings."""
+    raw = np.ascontiguousarray(codes).view(np.uint8).reshape(-1, 32)
+    return [row.tobytes().hex() for row in raw]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def serving(data: DataDir, port: int, stop_timeout: float = 60) -> Iterator[subprocess.Popen[bytes]]:
+    """``hashfed serve`` of ``data`` on 127.0.0.1:``port`` in a child process, stopped on exit."""
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "federation",
+            "serve",
+            str(data.path),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield process
+    finally:
+        process.terminate()
+        process.wait(timeout=stop_timeout)
+
+
+async def wait_ready(url: str, timeout: float = 600) -> float:
+    """Poll the hub's ``/v1/ready`` until it answers; return the seconds waited."""
+    started = time.perf_counter()
+    async with HubClient(url, retries=0) as client:
+        while time.perf_counter() - started < timeout:
+            if await client.ready():
+                return time.perf_counter() - started
+            await asyncio.sleep(0.05)
+    raise TimeoutError(f"{url} did not become ready")
+
+
+def memory_of(pid: int) -> tuple[int, int]:
+    """(VmRSS, VmHWM) of a process in bytes: its resident memory now and at its peak."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = int(value.split()[0]) * 1024
+    return fields["VmRSS"], fields["VmHWM"]
+
+
+def write_docs_section(name: str, heading: str | None, section: str) -> None:
+    """Put ``section`` between the ``<!-- name:start -->`` and ``<!-- name:end -->`` markers
+    of docs/benchmarks.md, each marker on a line of its own, replacing only what was between
+    them. Without the markers, append them with the section, under ``## heading`` if given
+    (the file is created if missing)."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
+    block = f"{start}\n{section}\n{end}"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        _, tail = rest.split(end, 1)
+        text = head + block + tail
+    else:
+        title = f"## {heading}\n\n" if heading else ""
+        text = text.rstrip("\n") + "\n\n" + title + block + "\n"
+    DOCS.write_text(text)
