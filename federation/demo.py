@@ -356,7 +356,9 @@ async def step_verify(demo: Demo) -> None:
         if collection == MAIN:
             await verify_proofs(demo, checkpoint.size, checkpoint.root, audit)
     out.say("\nThis is what a mirror does on every sync, after which it can answer lookups itself.")
-    out.say("Full mirrors, which keep such a verified copy up to date, come with `hashfed mirror`.")
+    out.say(
+        "`hashfed mirror` does this continuously and keeps the verified copy, so a member can match offline."
+    )
 
 
 async def verify_proofs(demo: Demo, size: int, root_hash: bytes, audit: LogAudit) -> None:
