@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import platform
 import sys
@@ -41,7 +42,7 @@ from federation.client import HubClient
 from federation.config import DataDir
 from federation.envelope import BATCH_TYPE, Addition, Grant, Header, batch_payload, sign_envelope, utc_now
 from federation.hub import open_node
-from federation.keys import SignerKey
+from federation.keys import SignerKey, load_signer_file, write_signer_file
 
 COLLECTION = "bench"
 BATCH = 100_000
@@ -149,13 +150,31 @@ async def measure(
     figures: dict[str, object] = {}
     with serving(data, port) as process:
         figures["ready_s"] = await wait_ready(url)
+        figures["rss_ready"], _ = memory_of(process.pid)
         batched = await drive(url, member, queries, 1000, 2, seconds)
         single = await drive(url, member, queries, 1, 32, seconds)
         figures["batched"] = batched
         figures["single"] = single
+        figures["rss_served"], _ = memory_of(process.pid)
         figures["visible_s"] = await visibility_during_merge(url, member)
+        await until_idle(process.pid)
         figures["rss"], figures["hwm"] = memory_of(process.pid)
     return figures
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def until_idle(pid: int, timeout: float = 120.0) -> None:
+    """Wait for the hub's background merges to finish (it uses under 5% of a core for a second)."""
+    deadline = time.perf_counter() + timeout
+    while time.perf_counter() < deadline:
+        before = cpu_seconds(pid)
+        await asyncio.sleep(1.0)
+        if cpu_seconds(pid) - before < 0.05:
+            return
 
 
 def report(size: int, corpus: str, ingest_s: float, figures: dict[str, object], command: str) -> str:
@@ -165,7 +184,9 @@ def report(size: int, corpus: str, ingest_s: float, figures: dict[str, object], 
     visible = figures["visible_s"]
     assert isinstance(visible, list)
     rss, hwm = figures["rss"], figures["hwm"]
+    rss_ready, rss_served = figures["rss_ready"], figures["rss_served"]
     assert isinstance(rss, int) and isinstance(hwm, int)
+    assert isinstance(rss_ready, int) and isinstance(rss_served, int)
     lines = [
         f"### Hub over HTTP: {size:,} PDQ hashes ({corpus} corpus)",
         "",
@@ -179,7 +200,9 @@ def report(size: int, corpus: str, ingest_s: float, figures: dict[str, object], 
         f"| `POST /v1/lookup`, batches of 1,000, 2 clients | {batched.rate:,.0f} lookups/s, p50 {batched.percentile(50):.0f} ms, p99 {batched.percentile(99):.0f} ms, {batched.errors} errors |",
         f"| single-hash lookups, 32 concurrent clients | {single.rate:,.0f} lookups/s, p50 {single.percentile(50):.1f} ms, p99 {single.percentile(99):.1f} ms, {single.errors} errors |",
         f"| new hash visible after its acknowledgement, during merges | max {max(visible) * 1000:.1f} ms over {len(visible)} rounds |",
-        f"| hub resident memory after the run (peak) | {rss / 2**30:.2f} GiB ({hwm / 2**30:.2f} GiB) |",
+        f"| hub resident memory: ready / after the lookup runs / at rest after the merges | "
+        f"{rss_ready / 2**30:.2f} / {rss_served / 2**30:.2f} / {rss / 2**30:.2f} GiB |",
+        f"| hub peak resident memory (during a merge, two large segments coexist) | {hwm / 2**30:.2f} GiB |",
         "",
     ]
     return "\n".join(lines)
@@ -192,15 +215,28 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=100_000, help="PDQ hashes in the hub (default 100,000)")
     parser.add_argument("--corpus", choices=("realistic", "uniform"), default="realistic")
     parser.add_argument("--seconds", type=float, default=10.0, help="duration of each load phase")
-    parser.add_argument("--dir", type=Path, help="keep the hub data dir here (default: a temporary one)")
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        help="keep the hub data dir here (default: a temporary one); if it already holds a hub built by an "
+        "earlier run, measure that hub again without rebuilding it",
+    )
     parser.add_argument("--write-docs", action="store_true", help=f"write the figures into {DOCS.name}")
     args = parser.parse_args()
     command = "python -m benchmarks.bench_hub " + " ".join(sys.argv[1:])
-    member = SignerKey.generate("bencher")
     with tempfile.TemporaryDirectory(prefix="hashfed-bench-") as scratch:
         directory = args.dir or Path(scratch) / "hub"
-        print(f"building a hub with {args.size:,} hashes in {directory}", file=sys.stderr)
-        data, ingest_s = build_hub(directory, args.size, args.corpus, member)
+        member_file = directory.parent / f"{directory.name}.bencher.key"
+        if (directory / "hub.toml").exists() and member_file.exists():
+            print(f"measuring the hub already built in {directory}", file=sys.stderr)
+            data, member = DataDir(directory), load_signer_file(member_file)
+            ingest_s = float(json.loads((directory.parent / f"{directory.name}.ingest.json").read_text()))
+        else:
+            member = SignerKey.generate("bencher")
+            print(f"building a hub with {args.size:,} hashes in {directory}", file=sys.stderr)
+            data, ingest_s = build_hub(directory, args.size, args.corpus, member)
+            write_signer_file(member, member_file, overwrite=True)
+            (directory.parent / f"{directory.name}.ingest.json").write_text(json.dumps(ingest_s))
         figures = asyncio.run(measure(data, member, args.size, args.corpus, args.seconds))
     section = report(args.size, args.corpus, ingest_s, figures, command)
     print(section)
