@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from federation.index import ExactIndex, FaissBinaryIndex, SearchIndex, new_index
-from federation.index.segmented import SegmentedPdqIndex
+from federation.index.segmented import SegmentedPdqIndex, merge_sorted, sorted_unique
 from federation.signals import MD5, PDQ, SHA256, SignalError
 
 # PDQ hashes of the bridge test image and its seven dihedral variants, as published
@@ -403,3 +403,17 @@ def test_segmented_index_starts_from_codes_and_removes_from_the_large_segment() 
     index.add(hashes[:1])
     assert index.search(hashes[:1], 0) == [[(hashes[0], 0)]]
     assert len(index) == 1996
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.binary(min_size=32, max_size=32), max_size=40),
+    st.lists(st.binary(min_size=32, max_size=32), max_size=40),
+)
+def test_merge_sorted_equals_sorting_everything(first: list[bytes], second: list[bytes]) -> None:
+    def codes(rows: list[bytes]) -> np.ndarray:
+        return np.frombuffer(b"".join(rows), dtype=np.uint8).reshape(-1, 32)
+
+    ordered = sorted_unique(codes(first))
+    merged = merge_sorted(ordered, codes(second + first[:3]))
+    assert merged.tobytes() == sorted_unique(codes(first + second)).tobytes()

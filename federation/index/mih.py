@@ -108,10 +108,14 @@ MAX_WIDTH = 24
 LAYOUT_RADIUS = 31
 """The radius the layout is optimised for (PDQ's default match threshold)."""
 
-_CANDIDATE_BUDGET = 1 << 15
-"""Expected candidates per sub-batch of a batched search: temporaries that stay
-in cache beat fewer numpy calls (measured: 8-16 queries of 3k candidates at 10M
-are ~15% faster per query than 100+)."""
+_CANDIDATE_BUDGET = 1 << 14
+"""Expected candidates per sub-batch of a batched search (about 6 queries at 10M).
+
+Small sub-batches keep each temporary under ~1 MiB: in cache, and below the
+sizes where glibc hands out fresh mmap'd (and numpy hugepage-advised) memory
+that must be faulted in again for every sub-batch. Measured at 10M: 4-8
+queries per sub-batch ~7,000 lookups/s; 16-64 queries 25-50 page faults per
+query and down to ~3,000-5,000 lookups/s."""
 _PROBE_CHUNK = 1 << 14
 """Buckets probed per pass of a single query (bounds its temporaries)."""
 _SCAN_BLOCK = 1 << 15

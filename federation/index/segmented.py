@@ -44,6 +44,20 @@ def sorted_unique(codes: Codes) -> Codes:
     return keys.view(np.uint8).reshape(-1, 32)
 
 
+def merge_sorted(ordered: Codes, others: Codes) -> Codes:
+    """``ordered`` (sorted, unique) with ``others`` added, sorted and unique, in one new array."""
+    extra = sorted_unique(others)
+    if len(extra) == 0:
+        return ordered
+    keys = ordered.view("V32").ravel()
+    extra_keys = extra.view("V32").ravel()
+    positions = np.searchsorted(keys, extra_keys)
+    inside = positions < len(keys)
+    already = np.zeros(len(extra), dtype=np.bool_)
+    already[inside] = keys[positions[inside]] == extra_keys[inside]
+    return np.insert(ordered, positions[~already], extra[~already], axis=0)
+
+
 @dataclass(frozen=True)
 class _Large:
     codes: Codes
@@ -52,7 +66,11 @@ class _Large:
 
     @classmethod
     def build(cls, codes: Codes) -> _Large:
-        ordered = sorted_unique(codes)
+        return cls.from_sorted(sorted_unique(codes))
+
+    @classmethod
+    def from_sorted(cls, ordered: Codes) -> _Large:
+        """A segment over codes already sorted as bytes and unique."""
         return cls(ordered, ordered.view("V32").ravel(), MihIndex(ordered) if len(ordered) else None)
 
     def rows(self, codes: Codes) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.bool_]]:
@@ -136,17 +154,26 @@ class SegmentedPdqIndex:
             if self._merger is not None:
                 merger = self._merger
             else:
-                live = self._live_codes()
+                # The large segment's codes are immutable: with nothing hidden the
+                # merge reads them in place instead of copying 32 bytes per hash.
+                kept = self._large.codes if self._hidden == 0 else self._large.codes[~self._deleted]
+                parts = [(kept, self._fresh.codes())]
                 self._pending = []
                 merger = self._merger = threading.Thread(
-                    target=self._build_and_swap, args=(live,), name="hashfed-merge", daemon=True
+                    target=self._build_and_swap, args=(parts,), name="hashfed-merge", daemon=True
                 )
                 merger.start()
         if wait:
             merger.join()
 
-    def _build_and_swap(self, live: Codes) -> None:
-        large = _Large.build(live)
+    def _build_and_swap(self, parts: list[tuple[Codes, Codes]]) -> None:
+        # Taken out of the list so the inputs can be freed before the index is
+        # built: at 10M hashes each is 320 MB, and a merge already holds two segments.
+        kept, fresh = parts.pop()
+        codes = merge_sorted(kept, fresh)
+        del kept, fresh
+        large = _Large.from_sorted(codes)
+        del codes
         with self._lock:
             pending = self._pending or []
             self._large = large
