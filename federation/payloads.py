@@ -303,6 +303,16 @@ def parse_payload(payload_type: str, payload: bytes, limits: Limits | None = Non
 # ---- builders, for members and the hub ------------------------------------
 
 
+def _document(header: Header, member: str | None, body: dict[str, Any]) -> bytes:
+    """A payload in the field order of the wire format: v, federation, collection, member, seq, created, body."""
+    document: dict[str, Any] = {"v": 1, "federation": header.federation, "collection": header.collection}
+    if member is not None:
+        document["member"] = member
+    document.update(seq=header.seq, created=header.created)
+    document.update(body)
+    return compact_json(document)
+
+
 def batch_payload(
     header: Header,
     member: str,
@@ -315,17 +325,13 @@ def batch_payload(
             out["quality"] = item.quality
         return out
 
-    return compact_json(
+    return _document(
+        header,
+        member,
         {
-            "v": 1,
-            "federation": header.federation,
-            "collection": header.collection,
-            "member": member,
-            "seq": header.seq,
-            "created": header.created,
             "add": [addition(item) for item in add],
             "remove": [{"type": item.signal, "hash": item.hash} for item in remove],
-        }
+        },
     )
 
 
@@ -338,17 +344,7 @@ def opinion_payload(
             out["note"] = item.note
         return out
 
-    return compact_json(
-        {
-            "v": 1,
-            "federation": header.federation,
-            "collection": header.collection,
-            "member": member,
-            "seq": header.seq,
-            "created": header.created,
-            "opinions": [opinion(item) for item in opinions],
-        }
-    )
+    return _document(header, member, {"opinions": [opinion(item) for item in opinions]})
 
 
 def membership_payload(
@@ -356,21 +352,8 @@ def membership_payload(
     grant: list[Grant] | tuple[Grant, ...] = (),
     revoke: list[str] | tuple[str, ...] = (),
 ) -> bytes:
-    return compact_json(
-        {
-            "v": 1,
-            "federation": header.federation,
-            "collection": header.collection,
-            "seq": header.seq,
-            "created": header.created,
-            "grant": [
-                {
-                    "member": g.member,
-                    "key": g.key.encode(),
-                    "rights": [r for r in RIGHTS if r in g.rights],
-                }
-                for g in grant
-            ],
-            "revoke": [{"key": key_id} for key_id in revoke],
-        }
-    )
+    grants = [
+        {"member": g.member, "key": g.key.encode(), "rights": [r for r in RIGHTS if r in g.rights]}
+        for g in grant
+    ]
+    return _document(header, None, {"grant": grants, "revoke": [{"key": key_id} for key_id in revoke]})
