@@ -109,13 +109,13 @@ LAYOUT_RADIUS = 31
 """The radius the layout is optimised for (PDQ's default match threshold)."""
 
 _CANDIDATE_BUDGET = 1 << 14
-"""Expected candidates per sub-batch of a batched search (about 6 queries at 10M).
+"""Candidates per sub-batch of a batched search (about 5 queries at 10M, radius 31).
 
 Small sub-batches keep each temporary under ~1 MiB: in cache, and below the
-sizes where glibc hands out fresh mmap'd (and numpy hugepage-advised) memory
-that must be faulted in again for every sub-batch. Measured at 10M: 4-8
-queries per sub-batch ~7,000 lookups/s; 16-64 queries 25-50 page faults per
-query and down to ~3,000-5,000 lookups/s."""
+sizes where glibc hands out fresh mmap'd memory that must be faulted in again
+for every sub-batch. Measured at 10M: ~15k candidates per sub-batch gave
+~7,000 lookups/s; ~20k already 25-70 page faults per query in some processes
+and ~4,900 lookups/s; 2-4 times more, 3,300-5,000 lookups/s."""
 _PROBE_CHUNK = 1 << 14
 """Buckets probed per pass of a single query (bounds its temporaries)."""
 _SCAN_BLOCK = 1 << 15
@@ -380,11 +380,22 @@ class MihIndex:
             for query in query_codes:
                 results.append(self._scan_one(query, max_distance, removed))
             return results
-        step = max(1, int(_CANDIDATE_BUDGET / max(chosen.estimated_candidates, chosen.keys_per_query, 1.0)))
-        if step == 1:
-            return [self._probe_one(query, chosen, removed) for query in query_codes]
-        for begin in range(0, len(query_codes), step):
-            results.extend(self._probe_batch(query_codes[begin : begin + step], chosen, removed))
+        # Sub-batches hold about _CANDIDATE_BUDGET candidates: sized from the
+        # uniform estimate first, then from the candidates actually met (biased
+        # bits and clusters give more).
+        per_query = max(chosen.estimated_candidates, chosen.keys_per_query, 1.0)
+        seen = done = 0
+        while done < len(query_codes):
+            step = max(1, int(_CANDIDATE_BUDGET / per_query))
+            chunk = query_codes[done : done + step]
+            if step == 1:
+                results.append(self._probe_one(chunk[0], chosen, removed))
+            else:
+                found, candidates = self._probe_batch(chunk, chosen, removed)
+                results.extend(found)
+                seen += candidates
+                per_query = max(seen / (done + len(chunk)), chosen.keys_per_query, 1.0)
+            done += len(chunk)
         return results
 
     # -- planning ---------------------------------------------------------
@@ -494,13 +505,15 @@ class MihIndex:
 
     def _probe_batch(
         self, query_codes: Codes64, plan: _Plan, removed: npt.NDArray[np.bool_] | None
-    ) -> list[Result]:
+    ) -> tuple[list[Result], int]:
+        """Results of a few queries at once, and the number of candidates they met."""
         count = len(query_codes)
         keys = self._query_keys(query_codes)
         probes = np.take(keys, plan.probe_table, axis=1) ^ plan.probe_mask
         rows, ends = self._candidates(probes)
-        if len(rows) == 0:
-            return [self._empty() for _ in range(count)]
+        candidates = len(rows)
+        if candidates == 0:
+            return [self._empty() for _ in range(count)], 0
         per_query = np.diff(ends[probes.shape[1] - 1 :: probes.shape[1]], prepend=0)
         owner = np.repeat(np.arange(count, dtype=np.int64), per_query)
         xored = np.take(self._codes, rows, axis=0)
@@ -522,10 +535,11 @@ class MihIndex:
         rest = order // n
         found_distances = rest % (CODE_BITS + 1)
         bounds = np.searchsorted(rest // (CODE_BITS + 1), np.arange(count + 1))
-        return [
+        results = [
             self._result(found_rows[lo:hi], found_distances[lo:hi])
             for lo, hi in itertools.pairwise(bounds.tolist())
         ]
+        return results, candidates
 
     def _scan_one(self, query: Codes64, radius: int, removed: npt.NDArray[np.bool_] | None) -> Result:
         found_rows: list[IntArray] = []

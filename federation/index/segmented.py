@@ -237,5 +237,7 @@ class SegmentedPdqIndex:
     @property
     def nbytes(self) -> int:
         with self._lock:
-            held = self._large.codes.nbytes + self._deleted.nbytes
-            return held + (self._large.index.nbytes if self._large.index else 0)
+            # MihIndex.nbytes already counts the codes array it shares with the segment.
+            if self._large.index is not None:
+                return self._large.index.nbytes + self._deleted.nbytes
+            return self._large.codes.nbytes + self._deleted.nbytes
