@@ -13,7 +13,7 @@ from pathlib import Path
 from .config import ConfigError, DataDir, HubConfig
 from .envelope import Grant
 from .hub.server import open_node
-from .keys import SignerKey, VerifierKey, check_name, write_signer_file
+from .keys import SignerKey, VerifierKey, check_collection_name, check_name, write_signer_file
 from .node import Accepted
 from .state import KeyRecord
 from .store.base import StoreError
@@ -23,7 +23,7 @@ def init_hub(path: Path, *, name: str, federation: str, collection: str) -> Veri
     """Create a hub data directory with its key, database, config and first collection."""
     check_name(name)
     check_name(federation)
-    check_name(collection)
+    check_collection_name(collection)
     data = DataDir(path)
     if data.config_file.exists():
         raise ConfigError(f"{path} is already a hub data directory")
@@ -38,7 +38,7 @@ def init_hub(path: Path, *, name: str, federation: str, collection: str) -> Veri
 
 
 def add_collection(data: DataDir, collection: str, grants: Sequence[Grant] = ()) -> Accepted:
-    check_name(collection)
+    check_collection_name(collection)
     node = open_node(data, searchable=False)
     try:
         return node.create_collection(collection, grants)

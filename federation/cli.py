@@ -429,9 +429,10 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_admin_commands(sub)
     _add_member_commands(sub)
-    from .sync.cli import add_mirror_command
+    from .sync.cli import add_mirror_command, add_resume_command
 
     add_mirror_command(sub)
+    add_resume_command(sub)
     demo_parser = _command(sub, "demo")
     if argv and argv[0] == "demo":  # imported only when used: no other command needs it
         from . import demo

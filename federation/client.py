@@ -43,6 +43,21 @@ from .keys import SignerKey
 
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 
+# What one answer may hold: a hub (or anything on the path) that sends more is
+# not read further. Bodies are never decompressed (``Accept-Encoding: identity``;
+# an answer in another coding is refused), so these bound the bytes held.
+MAX_NOTE_BYTES = 64 * 1024
+"""A signed checkpoint is a few hundred bytes."""
+MAX_PROBLEM_BYTES = 64 * 1024
+MAX_JSON_BYTES = 16 * 1024 * 1024
+"""Hub information, proofs, submissions' answers, entries pages of small entries, sources, peers."""
+MAX_LOOKUP_BYTES = 512 * 1024 * 1024
+"""A lookup answer: at most the hub's ``max_matches_per_answer`` matches (100,000 by default)."""
+MAX_ENTRY_BYTES = 128 * 1024 * 1024
+"""One NDJSON entry line: an envelope from a 64 MiB request body, base64 encoded, with framing."""
+MAX_SPAN_BYTES = 512 * 1024 * 1024
+"""One span of entries read whole (``entry_lines``); a span of one entry may always take MAX_ENTRY_BYTES."""
+
 
 class HubError(Exception):
     """The hub refused a request (an RFC 9457 problem) or could not be reached."""
@@ -52,6 +67,47 @@ class HubError(Exception):
         self.status = status
         self.detail = detail
         self.kind = kind
+
+
+class AnswerRefused(HubError, ValueError):
+    """An answer this client will not read: too large, or in a content coding it did not ask for."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(0, detail, "answer-refused")
+
+
+async def read_limited(response: aiohttp.ClientResponse, limit: int, what: str) -> bytes:
+    """The whole body of ``response``, or :class:`AnswerRefused` once it would pass ``limit`` bytes."""
+    _check_coding(response, what)
+    declared = response.content_length
+    if declared is not None and declared > limit:
+        raise AnswerRefused(
+            f"{what}: the answer declares {declared} bytes, over this client's limit of {limit}"
+        )
+    parts: list[bytes] = []
+    held = 0
+    async for chunk in response.content.iter_any():
+        held += len(chunk)
+        if held > limit:
+            raise AnswerRefused(
+                f"{what}: the answer passed this client's limit of {limit} bytes; not read further"
+            )
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def _check_coding(response: aiohttp.ClientResponse, what: str) -> None:
+    coding = response.headers.get("Content-Encoding", "identity").strip().lower()
+    if coding not in ("", "identity"):
+        raise AnswerRefused(
+            f"{what}: the answer is in the {coding!r} content coding; this client asks for identity and "
+            "does not inflate answers (something between it and the hub re-encoded the answer)"
+        )
+
+
+def new_client_session(timeout: aiohttp.ClientTimeout, **kwargs: Any) -> aiohttp.ClientSession:
+    """A session that never decompresses answers: :func:`read_limited` bounds the bytes as sent."""
+    return aiohttp.ClientSession(timeout=timeout, auto_decompress=False, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -80,7 +136,7 @@ class HubClient:
         self.signer = signer
         self._base_path = urlsplit(self.base_url).path
         self._own_session = session is None
-        self._session = session or aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout))
+        self._session = session or new_client_session(aiohttp.ClientTimeout(total=timeout))
         self.retries = retries
         self._info: dict[str, Any] | None = None
         self._last_seq = 0
@@ -115,7 +171,7 @@ class HubClient:
         query = urlencode(params or {})
         url = f"{self.base_url}{path}" + (f"?{query}" if query else "")
         for attempt in range(self.retries + 1):
-            headers = {"Accept": accept}
+            headers = {"Accept": accept, "Accept-Encoding": "identity"}
             if body is not None:
                 headers["Content-Type"] = "application/json"
             if signed:
@@ -143,10 +199,10 @@ class HubClient:
             await asyncio.sleep(min(0.25 * 2**attempt, 5.0))
         raise HubError(0, "unreachable")  # the loop always returns or raises
 
-    async def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+    async def _json(self, method: str, path: str, *, limit: int = MAX_JSON_BYTES, **kwargs: Any) -> Any:
         response = await self._request(method, path, **kwargs)
         async with response:
-            return await response.json()
+            return json.loads(await read_limited(response, limit, f"{method} {path}"))
 
     # ---- public endpoints -----------------------------------------------
 
@@ -167,9 +223,10 @@ class HubClient:
         return True
 
     async def checkpoint(self, collection: str) -> str:
-        response = await self._request("GET", f"/v1/collections/{collection}/checkpoint", signed=False)
+        path = f"/v1/collections/{collection}/checkpoint"
+        response = await self._request("GET", path, signed=False)
         async with response:
-            return await response.text()
+            return (await read_limited(response, MAX_NOTE_BYTES, f"GET {path}")).decode("utf-8")
 
     # ---- member endpoints -----------------------------------------------
 
@@ -177,7 +234,7 @@ class HubClient:
         body = envelope.canonical()
         response = await self._request("POST", f"/v1/collections/{collection}/entries", body=body)
         async with response:
-            answer = await response.json()
+            answer = json.loads(await read_limited(response, MAX_JSON_BYTES, "POST entries"))
             return Submitted(answer["index"], base64.b64decode(answer["leaf_hash"]), response.status == 201)
 
     async def _header(self, collection: str) -> Header:
@@ -222,7 +279,7 @@ class HubClient:
         if collections is not None:
             request["collections"] = list(collections)
         body = json.dumps(request, separators=(",", ":")).encode()
-        answer = await self._json("POST", "/v1/lookup", body=body)
+        answer = await self._json("POST", "/v1/lookup", body=body, limit=MAX_LOOKUP_BYTES)
         return [result["matches"] for result in answer["results"]]
 
     async def entries(
@@ -242,23 +299,32 @@ class HubClient:
             accept="application/x-ndjson",
         )
         async with response:
+            _check_coding(response, "GET entries")
             # Split by hand: one entry may be a line of many megabytes, longer
             # than aiohttp's line reader accepts.
             partial: list[bytes] = []
+            held = 0
             async for chunk in response.content.iter_any():
                 *complete, rest = chunk.split(b"\n")
                 if complete:
                     complete[0] = b"".join([*partial, complete[0]])
-                    partial = []
+                    partial, held = [], 0
                     for line in complete:
+                        if len(line) > MAX_ENTRY_BYTES:
+                            raise AnswerRefused(f"an entry line passed {MAX_ENTRY_BYTES} bytes")
                         if line.strip():
                             yield _entry(line)
                 partial.append(rest)
+                held += len(rest)
+                if held > MAX_ENTRY_BYTES:
+                    raise AnswerRefused(f"an entry line passed {MAX_ENTRY_BYTES} bytes; not read further")
             last = b"".join(partial)
             if last.strip():
                 yield _entry(last)
 
-    async def entry_lines(self, collection: str, start: int, limit: int) -> bytes:
+    async def entry_lines(
+        self, collection: str, start: int, limit: int, max_bytes: int | None = None
+    ) -> bytes:
         """Entries ``start`` to ``start + limit - 1`` as the raw NDJSON body, read whole.
 
         Unlike :meth:`stream_entries` this takes lines of any length (one
@@ -271,8 +337,10 @@ class HubClient:
             params={"start": start, "limit": limit},
             accept="application/x-ndjson",
         )
+        if max_bytes is None:
+            max_bytes = max(MAX_ENTRY_BYTES, min(limit * MAX_ENTRY_BYTES, MAX_SPAN_BYTES))
         async with response:
-            return await response.read()
+            return await read_limited(response, max_bytes, f"entries {start}..{start + limit - 1}")
 
     async def sources(self) -> list[dict[str, Any]]:
         """The collections this hub mirrors, with the latest checkpoint it verified of each."""
@@ -303,7 +371,7 @@ class HubClient:
 
 async def _problem(response: aiohttp.ClientResponse) -> HubError:
     async with response:
-        text = await response.text()
+        text = (await response.content.read(MAX_PROBLEM_BYTES)).decode("utf-8", "replace")
     try:
         problem = json.loads(text)
         return HubError(response.status, str(problem.get("detail", text)), str(problem.get("type", "")))

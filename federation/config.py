@@ -108,8 +108,10 @@ def _peer(raw: Any, position: int, source: str, base: Path | None) -> PeerConfig
         raise ConfigError(f"{where}: collections is empty; name the collections to mirror")
     for collection in raw["collections"]:
         match = _PEER_COLLECTION.fullmatch(collection)
-        if match is None:
-            raise ConfigError(f"{where}: collection {collection!r} must be NAME or HUB:NAME")
+        if match is None or match.group(2) in {".", ".."}:
+            raise ConfigError(
+                f"{where}: collection {collection!r} must be NAME or HUB:NAME (and NAME not '.' or '..')"
+            )
         hub = match.group(1)
         if hub is not None and (hub == peer_key.name or hub not in relay):
             raise ConfigError(
@@ -149,7 +151,13 @@ def _peers(raw: Any, source: str, base: Path | None) -> tuple[PeerConfig, ...]:
 
 
 _SECONDS_OR_RATES = frozenset(
-    {"keepalive_timeout_seconds", "request_timeout_seconds", "queue_timeout_seconds", "rate_limit_per_second"}
+    {
+        "keepalive_timeout_seconds",
+        "request_timeout_seconds",
+        "queue_timeout_seconds",
+        "rate_limit_per_second",
+        "send_timeout_seconds",
+    }
 )
 """Settings that take a number, integer or not; every other number setting is an integer."""
 _POSITIVE = (
@@ -158,8 +166,21 @@ _POSITIVE = (
     "request_timeout_seconds",
     "max_inflight",
     "queue_timeout_seconds",
+    "max_matches_per_query",
+    "max_matches_per_answer",
+    "max_pending_body_bytes",
+    "send_timeout_seconds",
+    "max_streams",
+    "max_streams_per_key",
+    "entries_page_bytes",
 )
-_NON_NEGATIVE = ("min_body_bytes_per_second", "max_queued", "rate_limit_per_second", "rate_limit_burst")
+_NON_NEGATIVE = (
+    "min_send_bytes_per_second",
+    "min_body_bytes_per_second",
+    "max_queued",
+    "rate_limit_per_second",
+    "rate_limit_burst",
+)
 
 
 @dataclass(frozen=True)
@@ -192,6 +213,22 @@ class HubConfig:
     """Signed requests per second per key (token bucket refill rate); 0 = no rate limit."""
     rate_limit_burst: int = 0
     """Token bucket size: requests a key may make at once; 0 = one second's worth (at least 1)."""
+    max_matches_per_query: int = 10_000
+    """Matches one lookup query answers at most, nearest first; a result cut short says ``truncated``."""
+    max_matches_per_answer: int = 100_000
+    """Matches one lookup answers at most in all, in query order; later results are cut the same way."""
+    max_pending_body_bytes: int = 256 * 1024 * 1024
+    """Request body bytes buffered at once across the hub; a body that would pass it is shed with 503."""
+    send_timeout_seconds: float = 30.0
+    """Longest a response write may wait for the client to read; then the connection is closed."""
+    min_send_bytes_per_second: int = 16_384
+    """A response the client reads slower than this on average (after the timeout's grace) is cut; 0 = off."""
+    max_streams: int = 16
+    """Entries requests (pages and NDJSON streams) served at once, in their own slots; more get 503."""
+    max_streams_per_key: int = 4
+    """Entries requests one key may have open at once; more get 429."""
+    entries_page_bytes: int = 8 * 1024 * 1024
+    """Bytes of entries in one JSON page or NDJSON chunk (at least one entry); ``next`` says where to go on."""
     peers: tuple[PeerConfig, ...] = ()
 
     def __post_init__(self) -> None:

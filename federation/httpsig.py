@@ -43,7 +43,7 @@ import hmac
 import secrets
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from federation.keys import KeyFormatError, SignerKey, VerifierKey, split_key_id
@@ -191,6 +191,10 @@ class VerifiedRequest:
     key_id: str
     created: int
     signature: bytes
+    key: VerifierKey | None = None
+    """The key whose signature verified (one key id may name several keys)."""
+    digest: str | None = None
+    """The Content-Digest header the signature covers, if it covers one."""
 
 
 def _field(headers: Mapping[str, str], name: str) -> str | None:
@@ -350,18 +354,24 @@ def verify_request(
     path: str,
     query: str,
     headers: Mapping[str, str],
-    body: bytes,
-    resolve_key: Callable[[str], VerifierKey | None],
+    body: bytes | None,
+    resolve_key: Callable[[str], VerifierKey | Sequence[VerifierKey] | None],
     now: int,
     max_skew: int = MAX_CLOCK_SKEW,
+    has_body: bool | None = None,
 ) -> VerifiedRequest:
     """Verify the ``sig1`` signature of a request, or raise ``SignatureRefused``.
 
     ``path`` and ``query`` are the raw path and query string as received
     (``query`` without its ``?``); ``headers`` is looked up case-insensitively
-    and ``body`` is the complete body (``b""`` when there is none).
+    and ``body`` is the complete body (``b""`` when there is none). A hub
+    verifies before it reads a body: with ``body=None`` and ``has_body`` from
+    the request's framing, everything the headers decide is checked and the
+    caller checks the body later with :func:`check_body_digest`.
     ``resolve_key`` maps a key id to the member key it names, or ``None`` when
-    the key is not one the caller may use. Replays are not checked here: pass
+    the key is not one the caller may use; it may also give several keys (a
+    key id is a 32-bit hash, so different keys can share one): each is tried,
+    and the result names the one whose signature verified. Replays are not checked here: pass
     the result's ``signature`` to a ``ReplayGuard``.
     """
     input_text = _field(headers, "Signature-Input")
@@ -399,7 +409,10 @@ def verify_request(
     created = _check_times(inner, now, max_skew)
 
     digest = _field(headers, "Content-Digest")
-    has_body = len(body) > 0
+    if body is not None:
+        has_body = len(body) > 0
+    elif has_body is None:
+        raise ValueError("verify_request needs the body, or has_body when the body is not read yet")
     if has_body and digest is None:
         raise SignatureRefused(
             "the request has a body but no Content-Digest header; send Content-Digest: "
@@ -407,8 +420,11 @@ def verify_request(
         )
     covers_digest = _check_components(inner, has_body, digest is not None)
 
-    key = resolve_key(key_id)
-    if key is None:
+    resolved = resolve_key(key_id)
+    candidates: list[VerifierKey] = (
+        list(resolved) if isinstance(resolved, list | tuple) else [] if resolved is None else [resolved]  # type: ignore[list-item]
+    )
+    if not candidates:
         raise SignatureRefused(f"unknown key id {key_id}; is this key a member of the collection?")
     try:
         base = _signature_base(
@@ -420,16 +436,34 @@ def verify_request(
         )
     except ValueError as exc:
         raise SignatureRefused(str(exc), status=400) from None
-    if len(signature) != ED25519_SIGNATURE_SIZE or not key.verify(base, signature):
+    key = next(
+        (k for k in candidates if len(signature) == ED25519_SIGNATURE_SIZE and k.verify(base, signature)),
+        None,
+    )
+    if key is None:
         raise SignatureRefused(
             f"signature does not verify with key {key_id} ({len(signature)}-byte signature; "
             f"Ed25519 gives {ED25519_SIGNATURE_SIZE}): sign the request exactly as it is sent, "
             "over the uppercase method, the raw path and query, the Content-Digest header when "
             "covered and the Signature-Input parameters, with the key that keyid names"
         )
-    if covers_digest and digest is not None:
-        _check_content_digest(digest, body)
-    return VerifiedRequest(key_id=key_id, created=created, signature=signature)
+    covered_digest = digest if covers_digest else None
+    if covered_digest is not None and body is not None:
+        _check_content_digest(covered_digest, body)
+    return VerifiedRequest(
+        key_id=key_id, created=created, signature=signature, key=key, digest=covered_digest
+    )
+
+
+def check_body_digest(verified: VerifiedRequest, body: bytes) -> None:
+    """Check a body read after its request was verified with ``body=None``; raise SignatureRefused."""
+    if verified.digest is not None:
+        _check_content_digest(verified.digest, body)
+    elif body:
+        raise SignatureRefused(
+            "the request has a body but its signature does not cover Content-Digest; send Content-Digest: "
+            f'{DIGEST_ALGORITHM}=:<base64 SHA-256 of the body>: and cover "content-digest"'
+        )
 
 
 class ReplayGuard:

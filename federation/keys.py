@@ -48,6 +48,20 @@ def check_name(name: str) -> str:
     return name
 
 
+def check_collection_name(name: str) -> str:
+    """A collection name: a key-style name that is not ``.`` or ``..``.
+
+    Collection names travel in URL paths (``/v1/collections/{c}/…``) and
+    name snapshot files; ``.`` and ``..`` would be rewritten as path segments.
+    """
+    if not NAME_PATTERN.fullmatch(name) or name in {".", ".."}:
+        raise KeyFormatError(
+            f"collection name {name!r} is not valid: use 1-64 characters of letters, digits, "
+            "'.', '_', '-', other than '.' and '..'"
+        )
+    return name
+
+
 def key_hash(name: str, public: bytes) -> bytes:
     """The 4-byte key hash that names a key in key ids and note signatures."""
     return hashlib.sha256(name.encode() + b"\n" + bytes([ALG_ED25519]) + public).digest()[:4]

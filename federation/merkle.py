@@ -228,6 +228,39 @@ def verify_consistency(old: int, new: int, old_root: bytes, new_root: bytes, pro
         raise ProofError("consistency proof does not lead to the new root")
 
 
+def proven_prefix_root(old: int, new: int, new_root: bytes, proof: Sequence[bytes]) -> bytes | None:
+    """The root of the size-``old`` prefix that a consistency proof shows ``new_root``'s tree to have.
+
+    Every hash of a consistency proof feeds the new root, and some also the
+    old one, so a proof that leads to the signed ``new_root`` commits that
+    tree to the prefix root it implies: if that differs from a signed
+    checkpoint of size ``old``, the two checkpoints cannot both be true, and
+    this proof is self-contained evidence of it. Returns None when the proof
+    proves nothing (it does not lead to ``new_root``, has the wrong shape, or
+    ``old`` is a power of two, where the proof takes the old root as given).
+    """
+    if not 0 < old < new or old & (old - 1) == 0 or not proof:
+        return None
+    fn, sn = old - 1, new - 1
+    while fn & 1:
+        fn, sn = fn >> 1, sn >> 1
+    fr = sr = proof[0]
+    for element in proof[1:]:
+        if sn == 0:
+            return None
+        if fn & 1 or fn == sn:
+            fr = node_hash(element, fr)
+            sr = node_hash(element, sr)
+            while fn and not fn & 1:
+                fn, sn = fn >> 1, sn >> 1
+        else:
+            sr = node_hash(sr, element)
+        fn, sn = fn >> 1, sn >> 1
+    if sn != 0 or sr != new_root:
+        return None
+    return fr
+
+
 class Frontier:
     """The root of a growing log from its leaves alone, in O(log n) memory.
 

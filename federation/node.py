@@ -28,10 +28,11 @@ from .envelope import (
     sign_envelope,
     utc_now,
 )
+from .index.budget import MatchBudget
 from .index.live import IndexCatalog
-from .keys import SignerKey, VerifierKey
+from .keys import SignerKey, VerifierKey, check_collection_name
 from .signals import SignalType
-from .state import LogContext, Refusal, apply_entry, check_entry
+from .state import LogContext, Refusal, apply_entry, check_entry, precheck_signer
 from .store.base import CollectionTxn, EntryRecord, HubStore, SourceRecord, StoreError
 
 REPLAY_LIMITS = Limits(
@@ -61,6 +62,17 @@ class Accepted:
     entry: EntryRecord
     created: bool
     """False when the exact same envelope was already in the log."""
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A submission whose signer and payload were checked, ready for the writer."""
+
+    envelope: Envelope
+    payload: Payload
+    data: bytes
+    """The envelope's canonical form: the leaf data."""
+    leaf: bytes
 
 
 @dataclass(frozen=True)
@@ -127,29 +139,59 @@ class Node:
 
     def submit(self, collection: str, envelope: Envelope) -> Accepted:
         """Verify an envelope, append it and apply it in one transaction, then index it."""
+        prepared = self.prepare(collection, envelope)
+        if isinstance(prepared, Accepted):
+            return prepared
+        return self.append(collection, prepared)
+
+    def prepare(self, collection: str, envelope: Envelope) -> Accepted | Prepared:
+        """Everything about a submission that can be judged before the single writer sees it.
+
+        Runs in any thread. An exact resubmission is answered at once; then the
+        envelope signature and its signer's standing are checked against the
+        current projection before the payload is even parsed, so a batch of
+        100,000 items signed by a key nobody granted costs a signature check,
+        not a parse, and never waits in the writer's queue. :meth:`append`
+        checks everything again inside the write transaction: the projection
+        may change in between.
+        """
         self.require_collection(collection)
         data = envelope.canonical()
-        existing = self.store.entry_by_leaf(collection, merkle.leaf_hash(data))
+        leaf = merkle.leaf_hash(data)
+        existing = self.store.entry_by_leaf(collection, leaf)
         if existing is not None:
             return Accepted(existing, created=False)
-        try:
-            payload = parse_payload(envelope.payload_type, envelope.payload, self.limits)
-        except EnvelopeError as exc:
-            raise Refusal(400, "invalid-payload", str(exc)) from exc
         if self.store.source(collection) is not None:
             raise Refusal(
                 409,
                 "mirrored-collection",
                 f"collection {collection} is mirrored from another hub; submit to its origin hub",
             )
+        context = self.context(collection)
+        if envelope.payload_type != MEMBERSHIP_TYPE and self.store.log_size(collection) == 0:
+            raise Refusal(
+                409, "no-membership-yet", f"collection {collection}'s first entry must be a membership entry"
+            )
+        records = {c: r for c, r in self.store.key_memberships(envelope.signer_key_id) if c == collection}
+        precheck_signer(envelope, context, records.get(collection))
+        try:
+            payload = parse_payload(envelope.payload_type, envelope.payload, self.limits)
+        except EnvelopeError as exc:
+            raise Refusal(400, "invalid-payload", str(exc)) from exc
+        return Prepared(envelope, payload, data, leaf)
+
+    def append(self, collection: str, prepared: Prepared) -> Accepted:
+        """Append a prepared submission and apply it in one transaction, then index it (the writer)."""
         try:
             with self.store.write(collection) as txn:
-                entry = _append(txn, envelope, payload, self.context(collection), data)
+                entry = _append(
+                    txn, prepared.envelope, prepared.payload, self.context(collection), prepared.data
+                )
         except Refusal:
-            # The same envelope may have landed concurrently (from another
-            # process): then its own seq refuses it, and the answer is the
-            # original entry, as for any exact resubmission.
-            existing = self.store.entry_by_leaf(collection, merkle.leaf_hash(data))
+            # The same envelope may have landed meanwhile (an earlier request
+            # still queued, or another process): then its own seq refuses it,
+            # and the answer is the original entry, as for any exact resubmission.
+            existing = self.store.entry_by_leaf(collection, prepared.leaf)
             if existing is not None:
                 return Accepted(existing, created=False)
             raise
@@ -159,6 +201,7 @@ class Node:
 
     def create_collection(self, collection: str, grants: Sequence[Grant] = ()) -> Accepted:
         """Create a collection with its first entry: a membership entry signed by the hub."""
+        check_collection_name(collection)
         self.store.create_collection(collection)
         return self.change_membership(collection, grants, ())
 
@@ -317,19 +360,28 @@ class Node:
         collections: Sequence[str],
         queries: Sequence[tuple[SignalType, str]],
         max_distance: int,
+        budget: MatchBudget | None = None,
     ) -> list[list[Match]]:
-        """One list of matches per query, sorted by distance, over the given collections."""
+        """One list of matches per query, sorted by distance, over the given collections.
+
+        With a ``budget``, each query keeps only the nearest matches it allows
+        (across all collections), and ``budget.truncated`` names the queries cut.
+        """
         results: list[list[Match]] = [[] for _ in queries]
         by_signal: dict[str, list[int]] = {}
         for position, (signal, _) in enumerate(queries):
             by_signal.setdefault(signal.name, []).append(position)
         signals = {signal.name: signal for signal, _ in queries}
+        cut: set[int] = set()
         for collection in collections:
             for name, positions in by_signal.items():
                 signal = signals[name]
+                part = budget.subset(positions) if budget is not None else None
                 hits = self.indexes.search(
-                    collection, signal, [queries[p][1] for p in positions], max_distance
+                    collection, signal, [queries[p][1] for p in positions], max_distance, part
                 )
+                if part is not None:
+                    cut.update(positions[offset] for offset in part.truncated)
                 found = {hash_hex for per_query in hits for hash_hex, _ in per_query}
                 if not found:
                     continue
@@ -352,8 +404,12 @@ class Node:
                                 detail.negative,
                             )
                         )
-        for matches in results:
+        for position, matches in enumerate(results):
             matches.sort(key=lambda m: (m.distance, m.collection, m.hash))
+            if budget is not None:
+                del matches[budget.take(position, len(matches)) :]
+                if position in cut:
+                    budget.truncated.add(position)
         return results
 
 

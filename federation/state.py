@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from .envelope import (
+    BATCH_TYPE,
+    MEMBERSHIP_TYPE,
     BatchPayload,
     Envelope,
     MembershipPayload,
@@ -138,6 +140,42 @@ def signer_of(envelope: Envelope, payload: Payload, context: LogContext, view: P
             f"payload member {payload.member!r} is not the signer's member {record.member!r}",
         )
     return key_id
+
+
+def precheck_signer(envelope: Envelope, context: LogContext, record: KeyRecord | None) -> None:
+    """The refusals of :func:`signer_of` that need no payload: run before the payload is parsed.
+
+    ``record`` is the signer's key record in the collection, if any. The
+    payload type says which right is needed; :func:`check_entry` still makes
+    every check, in the write transaction.
+    """
+    key_id = envelope.signer_key_id
+    if envelope.payload_type == MEMBERSHIP_TYPE:
+        if key_id != context.hub_key.key_id:
+            raise Refusal(
+                403,
+                "not-hub-key",
+                f"membership entries must be signed by the hub key {context.hub_key.key_id}, not {key_id}",
+            )
+        key = context.hub_key
+    else:
+        if record is None:
+            raise Refusal(
+                403, "unknown-key", f"key {key_id} is not a member key of collection {context.collection}"
+            )
+        if not record.active:
+            raise Refusal(403, "revoked-key", f"key {key_id} was revoked at log index {record.revoked_index}")
+        key = record.key
+    if not envelope.verify(key):
+        raise Refusal(400, "bad-envelope-signature", f"the envelope signature by {key_id} does not verify")
+    if record is not None and envelope.payload_type != MEMBERSHIP_TYPE:
+        needed = "write" if envelope.payload_type == BATCH_TYPE else "read"
+        if needed not in record.rights:
+            raise Refusal(
+                403,
+                "missing-right",
+                f"key {key_id} lacks the {needed!r} right on collection {context.collection}",
+            )
 
 
 def check_entry(envelope: Envelope, payload: Payload, context: LogContext, view: Projection) -> str:

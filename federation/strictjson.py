@@ -10,7 +10,11 @@ written with ``compact_json``; all of them refuse with ``EnvelopeError``.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+"""A ``\\uD800``-``\\uDFFF`` escape: the only way JSON text can carry a lone surrogate."""
 
 
 class EnvelopeError(ValueError):
@@ -33,7 +37,7 @@ def strict_json(data: bytes | str, what: str) -> Any:
 
     try:
         text = data.decode("utf-8") if isinstance(data, bytes) else data
-        return json.loads(text, object_pairs_hook=no_duplicates, parse_constant=no_constants)
+        value = json.loads(text, object_pairs_hook=no_duplicates, parse_constant=no_constants)
     except UnicodeDecodeError as exc:
         raise EnvelopeError(f"{what} is not UTF-8") from exc
     except json.JSONDecodeError as exc:
@@ -44,6 +48,30 @@ def strict_json(data: bytes | str, what: str) -> Any:
         raise EnvelopeError(f"{what} is nested too deeply to be a hashfed document") from exc
     except ValueError as exc:  # e.g. an integer literal with thousands of digits
         raise EnvelopeError(f"{what} cannot be parsed: {exc}") from exc
+    # Escaped surrogate pairs are legal and decode to one character; a lone
+    # surrogate is not a Unicode scalar value, cannot be written as UTF-8, and
+    # would fail later in whatever serialises it (a lookup answer, a log line).
+    if _SURROGATE_ESCAPE.search(text):
+        _refuse_lone_surrogates(value, what, what)
+    return value
+
+
+def _refuse_lone_surrogates(value: Any, what: str, where: str) -> None:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise EnvelopeError(
+                f"{where} holds a lone UTF-16 surrogate ({value[exc.start]!r}), which is not a Unicode "
+                "character; send text as valid UTF-8 (escape non-BMP characters as surrogate pairs)"
+            ) from None
+    elif isinstance(value, list):
+        for position, element in enumerate(value):
+            _refuse_lone_surrogates(element, what, f"{where}[{position}]")
+    elif isinstance(value, dict):
+        for key, element in value.items():
+            _refuse_lone_surrogates(key, what, f"{where} key")
+            _refuse_lone_surrogates(element, what, f"{where}.{key}")
 
 
 def compact_json(value: Any) -> bytes:

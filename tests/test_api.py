@@ -118,7 +118,8 @@ async def test_hub_info(hub: Hub) -> None:
     reply = await hub.call("GET", "/v1/hub")
     assert reply.status == 200
     info = reply.json()
-    assert set(info) == {"name", "key", "federation", "collections", "signal_types", "version"}
+    assert set(info) == {"name", "key", "federation", "collections", "signal_types", "version", "limits"}
+    assert info["limits"] == {"max_matches_per_query": 10_000, "max_matches_per_answer": 100_000}
     assert info["name"] == HUB_NAME
     assert info["federation"] == FEDERATION
     key = VerifierKey.parse(info["key"])

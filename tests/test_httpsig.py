@@ -166,7 +166,7 @@ def test_signature_base_without_body_is_pinned() -> None:
     }
     result = verify(headers, method="GET", query="start=0&limit=10", body=b"")
     assert result == VerifiedRequest(
-        key_id=KEY_ID, created=NOW, signature=SIGNER.sign(expected_base.encode())
+        key_id=KEY_ID, created=NOW, signature=SIGNER.sign(expected_base.encode()), key=SIGNER.verifier
     )
 
 

@@ -101,9 +101,18 @@ async def read_reply(reader: asyncio.StreamReader) -> Reply:
     return parse_reply(head + await asyncio.wait_for(reader.readexactly(length), 5))
 
 
-def lookup_head(port: int, length: int) -> bytes:
+def lookup_head(port: int, length: int, hub: Hub | None = None) -> bytes:
+    """Request headers of a lookup whose body of ``length`` bytes follows; signed by acme with ``hub``.
+
+    The signature covers the digest of ``length`` spaces (what the slow-body tests
+    mean to send); an unsigned request is refused on its headers, before any body.
+    """
+    signed = ""
+    if hub is not None:
+        headers = hub.signed_headers("acme", "POST", "/v1/lookup", "", b" " * length)
+        signed = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
     return (
-        f"POST /v1/lookup HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"POST /v1/lookup HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{signed}"
         f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
     ).encode()
 
@@ -285,7 +294,7 @@ async def test_a_body_not_sent_within_the_request_timeout_is_cut_with_408(federa
     async with serving(federation, request_timeout_seconds=0.5, min_body_bytes_per_second=0) as served:
         reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
         began = time.monotonic()
-        writer.write(lookup_head(served.port, 100) + b'{"queries": [')
+        writer.write(lookup_head(served.port, 100, served.hub) + b" " * 10)
         await writer.drain()
         raw = await asyncio.wait_for(reader.read(), 5)  # the hub answers and closes the connection
         took = time.monotonic() - began
@@ -303,7 +312,7 @@ async def test_a_body_trickling_under_the_minimum_rate_is_cut_with_408(federatio
         reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
 
         async def trickle() -> None:
-            writer.write(lookup_head(served.port, 10_000))
+            writer.write(lookup_head(served.port, 10_000, served.hub))
             with contextlib.suppress(ConnectionError):
                 for _ in range(100):
                     writer.write(b" ")

@@ -207,9 +207,12 @@ async def test_a_peering_hub_catches_a_fork_and_keeps_what_it_verified(tmp_path:
     await origin.serve()
     await forked.serve()
     proxy = await Proxy(origin.url).start()
-    await origin.submit("acme", H[:2])
+    # Three entries verified (not a power of two): the forked log's own proof shows another prefix.
+    await origin.submit("acme", H[:1])
+    await origin.submit("acme", H[1:2])
     await forked.submit("acme", H[5:7])
     await forked.submit("acme", H[7:8])
+    await forked.submit("acme", H[8:9])
     peer_key = SignerKey.generate("local-peer")
     forked.grant(peer_key, READ)
     await local.serve([peer(tmp_path, origin, peer_key, url=proxy.url)])
@@ -223,7 +226,7 @@ async def test_a_peering_hub_catches_a_fork_and_keeps_what_it_verified(tmp_path:
         await eventually(lambda: _is(source, "state", "forked"))
         assert "FORK" in (await source())["last_error"]
         (listed,) = (await local.get("/v1/sources"))["sources"]
-        assert listed["forked"] and listed["evidence"][0]["reason"] == "unproven"
+        assert listed["forked"] and listed["evidence"][0]["reason"] == "rollback"
         assert [len(m) for m in await local.lookup("reader", [*H[:2], *H[5:8]])] == [1, 1, 0, 0, 0]
         # A mirrored collection is written only by sync.
         header = Header(FEDERATION, COLLECTION, next_seq(), utc_now())

@@ -17,6 +17,7 @@ from ..sync.peering import Peering
 from .batching import LookupBatcher
 from .limits import ADMISSION, Admission, RequestGuard, handler_args, limit_middlewares, rate_limiter
 from .problems import MAX_BODY, problem_middleware
+from .sending import SendDeadline, StreamSlots, deadline_for, send_deadline_middleware
 
 T = TypeVar("T")
 READER_THREADS = 32
@@ -42,13 +43,20 @@ class HubRuntime:
         )
     )
     batcher: LookupBatcher | None = None
+    streams: StreamSlots = field(default_factory=lambda: StreamSlots(16, 4))
+    """Slots for entries requests, apart from admission (see :mod:`.sending`)."""
+    deadline: SendDeadline = field(default_factory=lambda: SendDeadline(30.0, 16_384))
     ready: bool = False
     peering: Peering | None = None
     """Background mirroring of the peers named in hub.toml (None: no peers)."""
 
     def __post_init__(self) -> None:
         if self.batcher is None:
-            self.batcher = LookupBatcher(self.node.lookup)
+            self.batcher = LookupBatcher(
+                self.node.lookup,
+                max_matches_per_query=self.config.max_matches_per_query,
+                max_matches_per_answer=self.config.max_matches_per_answer,
+            )
 
     async def read(self, fn: Callable[[], T]) -> T:
         """Run store reads and index searches off the event loop."""
@@ -69,12 +77,22 @@ def create_app(node: Node, config: HubConfig) -> web.Application:
     # then rate-limit answers; problem_middleware renders whatever they refuse.
     admission = Admission(config.max_inflight, config.max_queued, config.queue_timeout_seconds)
     app = web.Application(
-        middlewares=[problem_middleware, *limit_middlewares(config, admission)],
+        middlewares=[
+            send_deadline_middleware(deadline_for(config)),
+            problem_middleware,
+            *limit_middlewares(config, admission, _authenticate_headers),
+        ],
         client_max_size=config.max_body_bytes,
         handler_args=handler_args(config),
     )
     app[ADMISSION] = admission
-    runtime = HubRuntime(node, config, guard=RequestGuard(rate_limiter(config)))
+    runtime = HubRuntime(
+        node,
+        config,
+        guard=RequestGuard(rate_limiter(config)),
+        streams=StreamSlots(config.max_streams, config.max_streams_per_key),
+        deadline=deadline_for(config),
+    )
     if config.peers:  # member keys are read now: a bad peer configuration stops the start
         runtime.peering = Peering(node, config.peers)
     app[RUNTIME] = runtime
@@ -97,6 +115,27 @@ def create_app(node: Node, config: HubConfig) -> web.Application:
 
     app.cleanup_ctx.append(lifecycle)
     return app
+
+
+async def _authenticate_headers(request: web.Request) -> None:
+    """Authenticate a request whose body is still arriving, before a byte of it is buffered.
+
+    An outsider's body is then never read: a bad, unknown, stale or replayed
+    signature is refused on the headers alone, and the body's digest is
+    checked against the signed Content-Digest once it has arrived.
+    """
+    from .auth import CALLER, authenticate, raw_query
+
+    runtime = request.app[RUNTIME]
+    method, path, query, headers = (
+        request.method,
+        request.raw_path.split("?", 1)[0],
+        raw_query(request),
+        request.headers,
+    )
+    request[CALLER] = await runtime.read(
+        lambda: authenticate(runtime.node, runtime.guard, method, path, query, headers, None, has_body=True)
+    )
 
 
 async def _load(runtime: HubRuntime) -> None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from ..httpsig import SignatureRefused, verify_request
+from ..httpsig import SignatureRefused, VerifiedRequest, check_body_digest, verify_request
 from ..keys import VerifierKey
 from ..node import Node
 from ..state import KeyRecord
@@ -21,6 +21,8 @@ class Caller:
     is_hub: bool
     memberships: dict[str, KeyRecord] = field(default_factory=dict)
     """Active key records of the caller's key, by collection."""
+    verified: VerifiedRequest | None = None
+    """The verified signature, kept to check a body read after authentication."""
 
     def may(self, collection: str, right: str) -> bool:
         record = self.memberships.get(collection)
@@ -39,24 +41,32 @@ class Caller:
 
 
 def authenticate(
-    node: Node, guard: RequestGuard, method: str, path: str, query: str, headers: object, body: bytes
+    node: Node,
+    guard: RequestGuard,
+    method: str,
+    path: str,
+    query: str,
+    headers: object,
+    body: bytes | None,
+    *,
+    has_body: bool | None = None,
 ) -> Caller:
     """Verify the request signature (synchronously; call from a worker thread).
 
     ``guard`` then refuses a replay (401) and a key over its rate limit (429).
+    With ``body=None`` only what the headers decide is checked (the body is
+    not read yet; ``has_body`` says whether one follows): the caller then
+    checks the body with :func:`check_body`.
     """
     records: list[tuple[str, KeyRecord]] = []
 
-    def resolve(key_id: str) -> VerifierKey | None:
-        if key_id == node.hub_key.key_id:
-            return node.hub_key
+    def resolve(key_id: str) -> list[VerifierKey]:
+        # A key id names a key by a 32-bit hash, so several keys may share one
+        # (granted here, or in a log mirrored from a peer): every one is tried,
+        # and only the records of the key that verifies give rights.
         records.extend(node.store.key_memberships(key_id))
-        keys = {record.key for _, record in records}
-        if len(keys) > 1:
-            # A key id names a key by a 32-bit hash: two different keys granted
-            # under one id (in different collections) must not lend each other rights.
-            raise SignatureRefused(f"key id {key_id} names more than one key on this hub; use another key")
-        return next(iter(keys)) if keys else None
+        keys = list(dict.fromkeys(record.key for _, record in records))
+        return [node.hub_key, *keys] if key_id == node.hub_key.key_id else keys
 
     now = int(time.time())
     try:
@@ -68,24 +78,42 @@ def authenticate(
             body=body,
             resolve_key=resolve,
             now=now,
+            has_body=has_body,
         )
-        memberships = {collection: record for collection, record in records if record.active}
-        if records and not memberships:
+        own = [(collection, record) for collection, record in records if record.key == verified.key]
+        memberships = {collection: record for collection, record in own if record.active}
+        if own and not memberships and verified.key != node.hub_key:
             # Said only now that the signature has verified with that very key, so
             # a caller without it learns nothing about the key's history.
-            collection, record = records[0]
+            collection, record = own[0]
             raise SignatureRefused(
                 f"key {verified.key_id} was revoked at log index {record.revoked_index} "
                 f"of collection {collection}; sign with a current key"
             )
         guard.admit(verified, now)
     except SignatureRefused as exc:
-        digest = exc.status == 400 and "digest" in exc.detail
-        raise Problem(
-            exc.status, "content-digest-mismatch" if digest else "bad-request-signature", exc.detail
-        ) from exc
-    return Caller(verified.key_id, verified.key_id == node.hub_key.key_id, memberships)
+        raise _refused(exc) from exc
+    return Caller(verified.key_id, verified.key == node.hub_key, memberships, verified)
+
+
+def check_body(caller: Caller, body: bytes) -> None:
+    """Check the body of a request authenticated from its headers against its signed Content-Digest."""
+    if caller.verified is None:
+        return
+    try:
+        check_body_digest(caller.verified, body)
+    except SignatureRefused as exc:
+        raise _refused(exc) from exc
+
+
+def _refused(exc: SignatureRefused) -> Problem:
+    digest = exc.status == 400 and "digest" in exc.detail
+    return Problem(exc.status, "content-digest-mismatch" if digest else "bad-request-signature", exc.detail)
 
 
 def raw_query(request: web.Request) -> str:
     return request.rel_url.raw_query_string
+
+
+CALLER = web.RequestKey("caller", Caller)
+"""The caller of a request authenticated from its headers, before its body was read."""

@@ -17,23 +17,32 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from ..index.budget import DEFAULT_MAX_MATCHES_PER_ANSWER, DEFAULT_MAX_MATCHES_PER_QUERY, MatchBudget
 from ..node import Match
 from ..signals import SignalType
 
 Query = tuple[SignalType, str]
-Search = Callable[[Sequence[str], Sequence[Query], int], list[list[Match]]]
+Search = Callable[[Sequence[str], Sequence[Query], int, MatchBudget], list[list[Match]]]
 GroupKey = tuple[tuple[str, ...], int]
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One request's matches per query, and the positions of the queries cut short."""
+
+    results: list[list[Match]]
+    truncated: frozenset[int]
 
 
 @dataclass
 class _Request:
     queries: Sequence[Query]
     done: threading.Event = field(default_factory=threading.Event)
-    result: list[list[Match]] | None = None
+    result: Answer | None = None
     error: BaseException | None = None
     lead: bool = False
 
-    def outcome(self) -> list[list[Match]]:
+    def outcome(self) -> Answer:
         if self.error is not None:
             raise self.error
         assert self.result is not None
@@ -41,21 +50,32 @@ class _Request:
 
 
 class LookupBatcher:
-    def __init__(self, search: Search, max_combined: int = 1000) -> None:
+    """Combines concurrent lookups; each request keeps its own match bounds (design §7)."""
+
+    def __init__(
+        self,
+        search: Search,
+        max_combined: int = 1000,
+        *,
+        max_matches_per_query: int = DEFAULT_MAX_MATCHES_PER_QUERY,
+        max_matches_per_answer: int = DEFAULT_MAX_MATCHES_PER_ANSWER,
+    ) -> None:
         self._search = search
         self.max_combined = max_combined
+        self.max_matches_per_query = max_matches_per_query
+        self.max_matches_per_answer = max_matches_per_answer
         self._lock = threading.Lock()
         self._pending: dict[GroupKey, list[_Request]] = {}
         self._running: set[GroupKey] = set()
         self.searches = 0
         self.requests = 0
 
-    def lookup(
-        self, collections: Sequence[str], queries: Sequence[Query], max_distance: int
-    ) -> list[list[Match]]:
+    def lookup(self, collections: Sequence[str], queries: Sequence[Query], max_distance: int) -> Answer:
         """Answer one lookup, possibly together with others that arrive meanwhile."""
         if len(queries) >= self.max_combined:
-            return self._search(collections, queries, max_distance)
+            budget = MatchBudget(self.max_matches_per_query, self.max_matches_per_answer)
+            results = self._search(collections, queries, max_distance, budget)
+            return Answer(results, frozenset(budget.truncated))
         key = (tuple(collections), max_distance)
         request = _Request(queries)
         with self._lock:
@@ -95,8 +115,10 @@ class LookupBatcher:
 
     def _run(self, collections: Sequence[str], max_distance: int, batch: list[_Request]) -> None:
         combined = [query for request in batch for query in request.queries]
+        answers = [number for number, request in enumerate(batch) for _ in request.queries]
+        budget = MatchBudget(self.max_matches_per_query, self.max_matches_per_answer, answers)
         try:
-            results = self._search(collections, combined, max_distance)
+            results = self._search(collections, combined, max_distance, budget)
         except BaseException as exc:
             for request in batch:
                 request.error = exc
@@ -106,7 +128,9 @@ class LookupBatcher:
         self.searches += 1
         offset = 0
         for request in batch:
-            request.result = results[offset : offset + len(request.queries)]
-            offset += len(request.queries)
+            end = offset + len(request.queries)
+            truncated = frozenset(p - offset for p in budget.truncated if offset <= p < end)
+            request.result = Answer(results[offset:end], truncated)
+            offset = end
             request.lead = False
             request.done.set()

@@ -38,7 +38,7 @@ import json
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from types import MappingProxyType
 from typing import cast
@@ -303,22 +303,87 @@ async def _timed_out(request: web.Request, detail: str) -> web.StreamResponse:
 
 ADMISSION = web.AppKey("admission", Admission)
 
+HeaderCheck = Callable[[web.Request], Awaitable[None]]
+"""Authenticates a request from its headers alone (before its body is read), or raises a Problem."""
 
-def limit_middlewares(config: HubConfig, admission: Admission) -> list[Middleware]:
-    """Middlewares to run inside ``problem_middleware``: body deadline, admission, rate-limit answers."""
+
+class PendingBodies:
+    """Bytes of request bodies buffered at once across the hub, at most ``limit`` (event loop only)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def reserve(self, size: int) -> bool:
+        if self.held + size > self.limit:
+            return False
+        self.held += size
+        return True
+
+    def release(self, size: int) -> None:
+        self.held -= size
+
+
+def _takes_body(request: web.Request) -> bool:
+    """Only the API's POST routes read a body; any other is never buffered."""
+    return request.method == "POST" and request.match_info.http_exception is None
+
+
+def limit_middlewares(
+    config: HubConfig, admission: Admission, check_headers: HeaderCheck | None = None
+) -> list[Middleware]:
+    """Middlewares to run inside ``problem_middleware``: bodies, admission, rate-limit answers.
+
+    A body is read only for a route that takes one, only in the API's own
+    content coding (identity: a compressed body is refused, never inflated),
+    only after the headers have been authenticated when it has not fully
+    arrived with them (``check_headers``), and only while the bytes buffered
+    hub-wide stay under ``max_pending_body_bytes``.
+    """
+    pending = PendingBodies(config.max_pending_body_bytes)
 
     @web.middleware
-    async def body_deadline(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.body_exists:
+    async def body_limits(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not request.body_exists or not _takes_body(request):
+            return await handler(request)
+        coding = request.headers.get("Content-Encoding", "identity").strip().lower()
+        if coding not in ("", "identity"):
+            raise Problem(
+                415,
+                "unsupported-content-encoding",
+                f"request bodies are accepted in the identity coding only, not {coding!r}; "
+                "send the JSON as is (Content-Digest covers the bytes as sent)",
+            )
+        declared = request.content_length
+        if declared is not None and declared > config.max_body_bytes:
+            raise Problem(
+                413,
+                "body-too-large",
+                f"request body exceeds the hub's limit of {config.max_body_bytes} bytes",
+            )
+        if check_headers is not None and not request.content.is_eof():
+            await check_headers(request)
+        size = declared if declared is not None else config.max_body_bytes
+        if not pending.reserve(size):
+            raise Problem(
+                503,
+                "overloaded",
+                f"the hub holds {pending.held} bytes of request bodies, its limit; retry shortly",
+                retry_after=OVERLOAD_RETRY_AFTER,
+            )
+        try:
             try:
                 await read_body(request, config.request_timeout_seconds, config.min_body_bytes_per_second)
             except BodyTimeout as exc:
                 return await _timed_out(request, str(exc))
-        return await handler(request)
+            return await handler(request)
+        finally:
+            pending.release(size)
 
     @web.middleware
     async def admit(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path in EXEMPT_PATHS:
+        if request.path in EXEMPT_PATHS or _is_entries_read(request):
+            # Probes do no work worth shedding; entries requests have slots of their own.
             return await handler(request)
         if not await admission.acquire():
             return shed_response(
@@ -340,12 +405,27 @@ def limit_middlewares(config: HubConfig, admission: Admission) -> list[Middlewar
         except RateLimited as exc:
             return shed_response(exc.status, exc.kind, exc.detail, exc.retry_after)
 
-    return [body_deadline, admit, rate_limited]
+    return [body_limits, admit, rate_limited]
 
 
-def handler_args(config: HubConfig) -> dict[str, float]:
-    """aiohttp connection settings (``web.Application(handler_args=…)``) from the configuration."""
-    return {"keepalive_timeout": config.keepalive_timeout_seconds}
+def _is_entries_read(request: web.Request) -> bool:
+    route = request.match_info.route
+    resource = route.resource
+    return (
+        request.method == "GET"
+        and resource is not None
+        and resource.canonical == "/v1/collections/{collection}/entries"
+    )
+
+
+def handler_args(config: HubConfig) -> dict[str, float | bool]:
+    """aiohttp connection settings (``web.Application(handler_args=…)``) from the configuration.
+
+    Request bodies are never decompressed: the API takes identity bodies only,
+    and inflating before authentication would let anyone make the hub buffer
+    far more than it received.
+    """
+    return {"keepalive_timeout": config.keepalive_timeout_seconds, "auto_decompress": False}
 
 
 # ---- connections -----------------------------------------------------------------------

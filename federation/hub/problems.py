@@ -20,6 +20,8 @@ _TITLES = {
     406: "Not acceptable",
     409: "Conflict",
     413: "Request body too large",
+    408: "Request timeout",
+    411: "Length required",
     415: "Unsupported media type",
     422: "Cannot apply",
     429: "Too many requests",
@@ -35,11 +37,13 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 class Problem(Exception):
     """Raise from a handler to refuse a request; the middleware renders it."""
 
-    def __init__(self, status: int, kind: str, detail: str) -> None:
+    def __init__(self, status: int, kind: str, detail: str, *, retry_after: int | None = None) -> None:
         super().__init__(detail)
         self.status = status
         self.kind = kind
         self.detail = detail
+        self.retry_after = retry_after
+        """Seconds to wait before trying again (``Retry-After``), for refusals that pass."""
 
 
 def problem_response(status: int, kind: str, detail: str) -> web.Response:
@@ -61,7 +65,10 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
     try:
         return await handler(request)
     except Problem as exc:
-        return problem_response(exc.status, exc.kind, exc.detail)
+        response = problem_response(exc.status, exc.kind, exc.detail)
+        if exc.retry_after is not None:
+            response.headers["Retry-After"] = str(exc.retry_after)
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -12,7 +12,7 @@ from aiohttp import web
 from .. import __version__
 from ..envelope import Envelope, EnvelopeError, strict_json
 from ..merkle import ProofError
-from ..node import NoCheckpointYet, UnknownCollection
+from ..node import Accepted, NoCheckpointYet, UnknownCollection
 from ..signals import (
     PDQ_DEFAULT_MAX_DISTANCE,
     PDQ_MAX_DISTANCE_LIMIT,
@@ -24,7 +24,7 @@ from ..signals import (
 from ..state import Refusal
 from ..sync.wire import match_json, source_json
 from .app import RUNTIME, HubRuntime
-from .auth import Caller, authenticate, raw_query
+from .auth import CALLER, Caller, authenticate, check_body, raw_query
 from .problems import Problem
 
 ENTRIES_PAGE_CAP = 1000
@@ -38,6 +38,10 @@ def _runtime(request: web.Request) -> HubRuntime:
 
 async def _caller(request: web.Request, body: bytes = b"") -> Caller:
     runtime = _runtime(request)
+    early: Caller | None = request.get(CALLER)
+    if early is not None:  # authenticated from the headers before the body was read
+        check_body(early, body)
+        return early
     return await runtime.read(
         lambda: authenticate(
             runtime.node,
@@ -124,6 +128,10 @@ async def hub_info(request: web.Request) -> web.Response:
             "collections": collections,
             "signal_types": list(SIGNAL_TYPES),
             "version": __version__,
+            "limits": {
+                "max_matches_per_query": runtime.config.max_matches_per_query,
+                "max_matches_per_answer": runtime.config.max_matches_per_answer,
+            },
         }
     )
 
@@ -140,8 +148,16 @@ async def post_entry(request: web.Request) -> web.Response:
     except EnvelopeError as exc:
         kind = "unknown-payload-type" if "unknown payload type" in str(exc) else "invalid-envelope"
         raise Problem(400, kind, str(exc)) from exc
+    node = runtime.node
     try:
-        accepted = await runtime.write(lambda: runtime.node.submit(collection, envelope))
+        # Signature, signer and payload are checked by the readers; the one
+        # writer thread only appends what already passed (and checks again).
+        prepared = await runtime.read(lambda: node.prepare(collection, envelope))
+        accepted = (
+            prepared
+            if isinstance(prepared, Accepted)
+            else await runtime.write(lambda: node.append(collection, prepared))
+        )
     except Refusal as exc:
         raise Problem(exc.status, exc.kind, exc.detail) from exc
     return web.json_response(
@@ -153,22 +169,42 @@ async def post_entry(request: web.Request) -> web.Response:
     )
 
 
-def _entry_json(index: int, data: bytes) -> dict[str, Any]:
-    return {"index": index, "envelope": json.loads(data)}
+def _entry_line(index: int, data: bytes) -> bytes:
+    """One entry as the API writes it; ``data`` is the envelope's canonical JSON, spliced in as is."""
+    return b'{"index":%d,"envelope":%s}' % (index, data)
 
 
 async def get_entries(request: web.Request) -> web.StreamResponse:
+    """Entries as a JSON page or an NDJSON stream, in a stream slot and under a send deadline.
+
+    Pages and stream chunks are cut by bytes (``entries_page_bytes``) as well
+    as by count, so a log of 100,000-item batches costs the hub a bounded
+    amount per request; ``next`` says where the page stopped.
+    """
     runtime = _runtime(request)
     collection = await _collection(request)
     caller = await _caller(request)
     await _require_read(request, caller, collection)
     start = _int_param(request, "start", 0)
-    if NDJSON in request.headers.get("Accept", ""):
-        return await _stream_entries(request, runtime, collection, start, request.query.get("limit"))
-    limit = min(_int_param(request, "limit", ENTRIES_PAGE_CAP), ENTRIES_PAGE_CAP)
-    records = await runtime.read(lambda: runtime.node.store.entries(collection, start, limit))
-    following = records[-1].index + 1 if records else start
-    return web.json_response({"entries": [_entry_json(r.index, r.data) for r in records], "next": following})
+    async with runtime.streams.slot(caller.key_id):
+        if NDJSON in request.headers.get("Accept", ""):
+            return await _stream_entries(request, runtime, collection, start, request.query.get("limit"))
+        limit = min(_int_param(request, "limit", ENTRIES_PAGE_CAP), ENTRIES_PAGE_CAP)
+        page_bytes = runtime.config.entries_page_bytes
+        records = await runtime.read(lambda: runtime.node.store.entries(collection, start, limit, page_bytes))
+        following = records[-1].index + 1 if records else start
+        body = b'{"entries":[%s],"next":%d}' % (
+            b",".join(_entry_line(r.index, r.data) for r in records),
+            following,
+        )
+        del records
+        if request.method == "HEAD":  # aiohttp sends the headers of a whole-body answer only
+            return web.Response(body=body, content_type="application/json")
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        response.content_length = len(body)
+        await runtime.deadline.write(request, response, body)
+        await runtime.deadline.finish(request, response)
+        return response
 
 
 async def _stream_entries(
@@ -176,20 +212,22 @@ async def _stream_entries(
 ) -> web.StreamResponse:
     size = await runtime.read(lambda: runtime.node.store.log_size(collection))
     end = size if limit_text is None else min(size, start + _int_param(request, "limit"))
+    chunk_bytes = runtime.config.entries_page_bytes
     response = web.StreamResponse(headers={"Content-Type": NDJSON})
     await response.prepare(request)
     position = start
     while position < end:
         chunk = min(ENTRIES_PAGE_CAP, end - position)
         records = await runtime.read(
-            lambda p=position, n=chunk: runtime.node.store.entries(collection, p, n)  # type: ignore[misc]
+            lambda p=position, n=chunk: runtime.node.store.entries(collection, p, n, chunk_bytes)  # type: ignore[misc]
         )
         if not records:
             break
-        lines = b"".join(b'{"index":%d,"envelope":%s}\n' % (record.index, record.data) for record in records)
-        await response.write(lines)
+        lines = b"".join(_entry_line(record.index, record.data) + b"\n" for record in records)
         position = records[-1].index + 1
-    await response.write_eof()
+        del records
+        await runtime.deadline.write(request, response, lines)
+    await runtime.deadline.finish(request, response)
     return response
 
 
@@ -288,15 +326,20 @@ async def lookup(request: web.Request) -> web.Response:
     # One trip to a worker thread for the whole request: authentication, parsing,
     # search and serialisation. Lookups are the hot path; each hop between the
     # event loop and the pool costs more than a small search does.
-    answer = await runtime.read(lambda: _answer_lookup(runtime, method, path, query, headers, body))
+    early: Caller | None = request.get(CALLER)
+    answer = await runtime.read(lambda: _answer_lookup(runtime, method, path, query, headers, body, early))
     return web.Response(body=answer, content_type="application/json")
 
 
 def _answer_lookup(
-    runtime: HubRuntime, method: str, path: str, query: str, headers: Any, body: bytes
+    runtime: HubRuntime, method: str, path: str, query: str, headers: Any, body: bytes, early: Caller | None
 ) -> bytes:
     node = runtime.node
-    caller = authenticate(node, runtime.guard, method, path, query, headers, body)
+    if early is not None:
+        check_body(early, body)
+        caller = early
+    else:
+        caller = authenticate(node, runtime.guard, method, path, query, headers, body)
     queries, max_distance, asked = _parse_lookup(_json_body(body, "lookup body"), runtime.config.max_queries)
     existing = node.collections()
     sources = node.sources()
@@ -318,12 +361,14 @@ def _answer_lookup(
                 caller.require(name, "read")
         collections = list(dict.fromkeys(asked))
     assert runtime.batcher is not None
-    results = runtime.batcher.lookup(collections, queries, max_distance)
-    document = {
-        "results": [
-            {"matches": [match_json(m, sources.get(m.collection)) for m in matches]} for matches in results
-        ]
-    }
+    answer = runtime.batcher.lookup(collections, queries, max_distance)
+    results: list[dict[str, Any]] = []
+    for position, matches in enumerate(answer.results):
+        result: dict[str, Any] = {"matches": [match_json(m, sources.get(m.collection)) for m in matches]}
+        if position in answer.truncated:
+            result["truncated"] = True
+        results.append(result)
+    document = {"results": results}
     return json.dumps(document, separators=(",", ":")).encode()
 
 

@@ -20,6 +20,8 @@ import numpy.typing as npt
 
 from federation.signals import PDQ, SignalError, SignalType
 
+from .budget import MatchBudget
+
 Codes = npt.NDArray[np.uint8]
 Match = tuple[str, int]
 
@@ -40,10 +42,13 @@ class SearchIndex(Protocol):
         """Remove hashes; a hash not present is ignored."""
         ...
 
-    def search(self, queries: Sequence[str], max_distance: int) -> list[list[Match]]:
+    def search(
+        self, queries: Sequence[str], max_distance: int, budget: MatchBudget | None = None
+    ) -> list[list[Match]]:
         """One list per query, in order, of (hash, distance) sorted by (distance, hash).
 
-        Every present hash within ``max_distance`` (inclusive) is returned. Exact
+        Every present hash within ``max_distance`` (inclusive) is returned, or
+        as many of the nearest as ``budget`` allows (it records the cut). Exact
         signal types ignore ``max_distance`` and match identical hashes only.
         """
         ...
@@ -162,7 +167,9 @@ class FaissBinaryIndex:
             if deleted >= max(self._compact_min, 1) and 2 * deleted > self._stored:
                 self._compact()
 
-    def search(self, queries: Sequence[str], max_distance: int) -> list[list[Match]]:
+    def search(
+        self, queries: Sequence[str], max_distance: int, budget: MatchBudget | None = None
+    ) -> list[list[Match]]:
         check_max_distance(self.signal, max_distance)
         raw = decode_hashes(self.signal, queries)
         if not queries:
@@ -177,14 +184,16 @@ class FaissBinaryIndex:
             live = ~self._deleted[labels]
             found = self._codes[labels[live]]
         kept = np.concatenate(([0], np.cumsum(live))).astype(np.int64)[lims.astype(np.int64)]
-        hits = [code.tobytes().hex() for code in found]
-        dists = distances[live].astype(np.int64).tolist()
+        dists = distances[live].astype(np.int64)
         results: list[list[Match]] = []
         for query in range(len(queries)):
             lo, hi = int(kept[query]), int(kept[query + 1])
-            matches = list(zip(hits[lo:hi], dists[lo:hi], strict=True))
-            matches.sort(key=lambda match: (match[1], match[0]))
-            results.append(matches)
+            # Nearest first, ties by hash: the codes' bytes order as their hex does.
+            order = np.lexsort((found[lo:hi].view(f"V{self._width}").ravel(), dists[lo:hi]))
+            if budget is not None:
+                order = order[: budget.take(query, len(order))]
+            codes, near = found[lo:hi][order], dists[lo:hi][order].tolist()
+            results.append([(code.tobytes().hex(), d) for code, d in zip(codes, near, strict=True)])
         return results
 
     def __len__(self) -> int:
@@ -252,10 +261,16 @@ class ExactIndex:
         with self._lock:
             self._present.difference_update(keys)
 
-    def search(self, queries: Sequence[str], max_distance: int) -> list[list[Match]]:
+    def search(
+        self, queries: Sequence[str], max_distance: int, budget: MatchBudget | None = None
+    ) -> list[list[Match]]:
         keys = self._keys(queries)
         with self._lock:
-            return [[(key.hex(), 0)] if key in self._present else [] for key in keys]
+            found = [key in self._present for key in keys]
+        return [
+            [(key.hex(), 0)] if present and (budget is None or budget.take(position, 1)) else []
+            for position, (key, present) in enumerate(zip(keys, found, strict=True))
+        ]
 
     def __len__(self) -> int:
         return len(self._present)

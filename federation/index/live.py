@@ -31,6 +31,7 @@ import numpy as np
 
 from ..signals import PDQ, SIGNAL_TYPES, SignalType
 from ..store.base import HubStore
+from .budget import MatchBudget
 from .engines import SearchIndex, new_index
 from .segmented import Codes, SegmentedPdqIndex
 
@@ -260,7 +261,12 @@ class IndexCatalog:
             return all(name in self._collections for name in collections)
 
     def search(
-        self, collection: str, signal: SignalType, queries: Sequence[str], max_distance: int
+        self,
+        collection: str,
+        signal: SignalType,
+        queries: Sequence[str],
+        max_distance: int,
+        budget: MatchBudget | None = None,
     ) -> list[list[tuple[str, int]]]:
         now = time.monotonic()
         stale = now - self._checked.get(collection, -1.0) >= EXTERNAL_POLL_SECONDS
@@ -269,7 +275,7 @@ class IndexCatalog:
             self._checked[collection] = now
         with self._lock:
             index = self._collections[collection].by_signal[signal.name]
-        return index.search(queries, max_distance)
+        return index.search(queries, max_distance, budget)
 
     def size(self, collection: str) -> dict[str, int]:
         with self._lock:

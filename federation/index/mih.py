@@ -90,6 +90,8 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
+from .budget import MatchBudget
+
 CODE_BITS = 256
 CODE_WORDS = CODE_BITS // 64
 
@@ -249,6 +251,17 @@ class _Plan:
     estimated_candidates: float
 
 
+@dataclass(frozen=True)
+class _Cut:
+    """The budget's say over the queries of one step, which start at ``first``."""
+
+    budget: MatchBudget | None
+    first: int
+
+    def keep(self, offset: int, found: int) -> int:
+        return found if self.budget is None else self.budget.take(self.first + offset, found)
+
+
 class MihIndex:
     """Exact Hamming-radius search over an immutable set of 256-bit codes.
 
@@ -351,6 +364,7 @@ class MihIndex:
         deleted: npt.ArrayLike | None = None,
         *,
         method: Method = "auto",
+        budget: MatchBudget | None = None,
     ) -> list[Result]:
         """For each query, ``(ids, distances)`` of every code within ``max_distance``.
 
@@ -359,6 +373,8 @@ class MihIndex:
         the codes were given at build); flagged rows are never returned.
         ``method`` forces probing or scanning (for tests and benchmarks); both
         give the same answers, ``"auto"`` picks the cheaper by estimate.
+        ``budget`` keeps only the nearest matches it allows of each query,
+        cut before the query's result arrays are made.
         """
         if isinstance(max_distance, bool) or not isinstance(max_distance, int | np.integer):
             raise TypeError("max_distance must be an integer")
@@ -377,8 +393,8 @@ class MihIndex:
         chosen = self._plan(max_distance, method)
         results: list[Result] = []
         if chosen.scan:
-            for query in query_codes:
-                results.append(self._scan_one(query, max_distance, removed))
+            for position, query in enumerate(query_codes):
+                results.append(self._scan_one(query, max_distance, removed, _Cut(budget, position)))
             return results
         # Sub-batches hold about _CANDIDATE_BUDGET candidates: sized from the
         # uniform estimate first, then from the candidates actually met (biased
@@ -389,9 +405,9 @@ class MihIndex:
             step = max(1, int(_CANDIDATE_BUDGET / per_query))
             chunk = query_codes[done : done + step]
             if step == 1:
-                results.append(self._probe_one(chunk[0], chosen, removed))
+                results.append(self._probe_one(chunk[0], chosen, removed, _Cut(budget, done)))
             else:
-                found, candidates = self._probe_batch(chunk, chosen, removed)
+                found, candidates = self._probe_batch(chunk, chosen, removed, _Cut(budget, done))
                 results.extend(found)
                 seen += candidates
                 per_query = max(seen / (done + len(chunk)), chosen.keys_per_query, 1.0)
@@ -471,7 +487,9 @@ class MihIndex:
         positions += np.repeat(highs - ends, counts)
         return np.take(self._sorted_rows, positions), ends
 
-    def _probe_one(self, query: Codes64, plan: _Plan, removed: npt.NDArray[np.bool_] | None) -> Result:
+    def _probe_one(
+        self, query: Codes64, plan: _Plan, removed: npt.NDArray[np.bool_] | None, cut: _Cut
+    ) -> Result:
         keys = self._query_keys(query.reshape(1, CODE_WORDS))[0]
         probes = np.take(keys, plan.probe_table) ^ plan.probe_mask
         found_rows: list[npt.NDArray[np.uint32]] = []
@@ -501,10 +519,11 @@ class MihIndex:
         order = np.sort(distances.astype(np.int64) * n + rows)
         if len(order) > 1:
             order = order[np.concatenate(([True], order[1:] != order[:-1]))]
+        order = order[: cut.keep(0, len(order))]
         return self._result(order % n, order // n)
 
     def _probe_batch(
-        self, query_codes: Codes64, plan: _Plan, removed: npt.NDArray[np.bool_] | None
+        self, query_codes: Codes64, plan: _Plan, removed: npt.NDArray[np.bool_] | None, cut: _Cut
     ) -> tuple[list[Result], int]:
         """Results of a few queries at once, and the number of candidates they met."""
         count = len(query_codes)
@@ -535,13 +554,15 @@ class MihIndex:
         rest = order // n
         found_distances = rest % (CODE_BITS + 1)
         bounds = np.searchsorted(rest // (CODE_BITS + 1), np.arange(count + 1))
-        results = [
-            self._result(found_rows[lo:hi], found_distances[lo:hi])
-            for lo, hi in itertools.pairwise(bounds.tolist())
-        ]
+        results = []
+        for offset, (lo, hi) in enumerate(itertools.pairwise(bounds.tolist())):
+            hi = lo + cut.keep(offset, hi - lo)
+            results.append(self._result(found_rows[lo:hi], found_distances[lo:hi]))
         return results, candidates
 
-    def _scan_one(self, query: Codes64, radius: int, removed: npt.NDArray[np.bool_] | None) -> Result:
+    def _scan_one(
+        self, query: Codes64, radius: int, removed: npt.NDArray[np.bool_] | None, cut: _Cut
+    ) -> Result:
         found_rows: list[IntArray] = []
         found_distances: list[npt.NDArray[np.uint32]] = []
         for begin in range(0, len(self._codes), _SCAN_BLOCK):
@@ -557,7 +578,7 @@ class MihIndex:
         if removed is not None:
             live = ~removed[rows]
             rows, distances = rows[live], distances[live]
-        order = np.argsort(distances, kind="stable")
+        order = np.argsort(distances, kind="stable")[: cut.keep(0, len(rows))]
         return self._result(rows[order], distances[order])
 
     def _result(self, rows: npt.NDArray[np.integer], distances: npt.NDArray[np.integer]) -> Result:

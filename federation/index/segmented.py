@@ -24,6 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..signals import PDQ, SignalType
+from .budget import MatchBudget
 from .engines import FaissBinaryIndex, Match, check_max_distance, decode_hashes
 from .mih import MihIndex
 
@@ -199,24 +200,37 @@ class SegmentedPdqIndex:
 
     # ---- lookups ----------------------------------------------------------
 
-    def search(self, queries: Sequence[str], max_distance: int) -> list[list[Match]]:
+    def search(
+        self, queries: Sequence[str], max_distance: int, budget: MatchBudget | None = None
+    ) -> list[list[Match]]:
         check_max_distance(self.signal, max_distance)
         raw = decode_hashes(self.signal, queries)
+        fresh_budget = large_budget = None
+        if budget is not None:  # each segment keeps what the merged answer may need (see budget.py)
+            fresh_budget, large_budget = budget.fork(), budget.fork()
         with self._lock:
             # The fresh segment is small: searching it under the lock, with the large
             # segment's state taken at the same instant, means a lookup sees every
             # batch of updates whole or not at all.
             large, deleted, hidden = self._large, self._deleted, self._hidden
-            results = self._fresh.search(queries, max_distance)
-        if large.index is None or not queries:
+            results = self._fresh.search(queries, max_distance, fresh_budget)
+        if large.index is not None and queries:
+            found = large.index.search(
+                _as_rows(raw), max_distance, deleted if hidden else None, budget=large_budget
+            )
+            for matches, (rows, distances) in zip(results, found, strict=True):
+                if len(rows) == 0:
+                    continue
+                hexes = [row.tobytes().hex() for row in large.codes[rows]]
+                matches.extend(zip(hexes, distances.tolist(), strict=True))
+                matches.sort(key=lambda match: (match[1], match[0]))
+        if budget is None or fresh_budget is None or large_budget is None:
             return results
-        found = large.index.search(_as_rows(raw), max_distance, deleted if hidden else None)
-        for matches, (rows, distances) in zip(results, found, strict=True):
-            if len(rows) == 0:
-                continue
-            hexes = [row.tobytes().hex() for row in large.codes[rows]]
-            matches.extend(zip(hexes, distances.tolist(), strict=True))
-            matches.sort(key=lambda match: (match[1], match[0]))
+        cut = fresh_budget.truncated | large_budget.truncated
+        for position, matches in enumerate(results):
+            del matches[budget.take(position, len(matches)) :]
+            if position in cut:
+                budget.truncated.add(position)
         return results
 
     def __len__(self) -> int:

@@ -23,7 +23,14 @@ from ..merkle import HashKey, append_keys, hashes_to_store, leaf_hash
 from ..state import KeyRecord, ListingChange
 from .base import EntryRecord, ListingDetail, SourceRecord, StoreError
 from .sqlite_schema import PROJECTION_TABLES, SCHEMA, SCHEMA_VERSION, ensure_schema
-from .sqlite_sources import read_evidence, read_source, read_sources, record_evidence, record_source
+from .sqlite_sources import (
+    read_evidence,
+    read_source,
+    read_sources,
+    record_evidence,
+    record_source,
+    resume_source,
+)
 
 __all__ = ["PROJECTION_TABLES", "SCHEMA", "SCHEMA_VERSION", "SqliteStore", "SqliteTxn"]
 
@@ -323,12 +330,25 @@ class SqliteStore:
     def read_hashes(self, collection: str, keys: Sequence[HashKey]) -> list[bytes]:
         return _read_tree(self._conn(), collection, keys)
 
-    def entries(self, collection: str, start: int, limit: int) -> list[EntryRecord]:
+    def entries(
+        self, collection: str, start: int, limit: int, max_bytes: int | None = None
+    ) -> list[EntryRecord]:
+        """Up to ``limit`` entries from ``start``; with ``max_bytes``, stop before their data passes it.
+
+        The first entry is always returned, whatever its size, so a reader can make progress.
+        """
         rows = self._conn().execute(
             "SELECT idx, leaf_hash, data FROM entries WHERE collection = ? AND idx >= ? ORDER BY idx LIMIT ?",
             (collection, start, limit),
         )
-        return [EntryRecord(int(i), bytes(h), bytes(d)) for i, h, d in rows]
+        records: list[EntryRecord] = []
+        held = 0
+        for i, h, d in rows:
+            held += len(d)
+            if max_bytes is not None and records and held > max_bytes:
+                break
+            records.append(EntryRecord(int(i), bytes(h), bytes(d)))
+        return records
 
     def entry_by_leaf(self, collection: str, leaf: bytes) -> EntryRecord | None:
         row = (
@@ -461,3 +481,15 @@ class SqliteStore:
 
     def evidence(self, name: str) -> list[str]:
         return read_evidence(self._conn(), name)
+
+    def resume_source(self, name: str) -> bool:
+        """Clear a source's stop (its evidence is kept); False if it was not stopped."""
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            was_stopped = resume_source(conn, name)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        return was_stopped

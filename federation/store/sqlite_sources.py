@@ -77,3 +77,15 @@ def record_evidence(conn: sqlite3.Connection, name: str, detected: str, body: st
 def read_evidence(conn: sqlite3.Connection, name: str) -> list[str]:
     rows = conn.execute("SELECT body FROM evidence WHERE source = ? ORDER BY id", (name,))
     return [str(row[0]) for row in rows]
+
+
+def resume_source(conn: sqlite3.Connection, name: str) -> bool:
+    """Within a write transaction: let a stopped source sync again; False if it was not stopped.
+
+    The evidence stays: it is the record of what was seen and investigated.
+    """
+    row = conn.execute("SELECT forked FROM sources WHERE name = ?", (name,)).fetchone()
+    if row is None:
+        raise StoreError(f"no mirrored collection named {name}")
+    conn.execute("UPDATE sources SET forked = 0 WHERE name = ?", (name,))
+    return bool(row[0])

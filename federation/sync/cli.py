@@ -25,7 +25,7 @@ from typing import Any, TextIO, TypeVar
 import aiohttp
 
 from ..cli_output import plural
-from ..client import HubClient, HubError
+from ..client import MAX_JSON_BYTES, HubClient, HubError, new_client_session, read_limited
 from ..config import ConfigError
 from ..keys import VerifierKey, load_signer_file
 from ..signals import signal_type
@@ -86,6 +86,62 @@ def add_mirror_command(sub: Any) -> None:
         "or of a hub's /v1/sources",
     )
     parser.set_defaults(func=cmd_mirror)
+
+
+RESUME_DESCRIPTION = (
+    "Let a mirrored collection that fork evidence stopped sync again, once you have investigated: "
+    "for example after checking that the evidence came from a proof altered on the way, or after the "
+    "hub's operator restored the history you had verified. DIR is a hub data directory (give the "
+    "mirrored collection's name, HUB:NAME, as listed by GET /v1/sources) or a `hashfed mirror` "
+    "directory. The evidence is kept; a hub that really signed two histories is caught again at "
+    "the next sync."
+)
+
+
+def add_resume_command(sub: Any) -> None:
+    parser: argparse.ArgumentParser = sub.add_parser(
+        "resume",
+        help="let a source stopped by fork evidence sync again",
+        description=textwrap.fill(RESUME_DESCRIPTION, 78),
+        epilog="examples:\n  hashfed resume ./hub origin-hub:csam\n  hashfed resume acme-mirror",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("dir", metavar="DIR", help="hub data directory or mirror directory")
+    parser.add_argument("source", metavar="SOURCE", nargs="?", help="mirrored collection (HUB:NAME)")
+    parser.set_defaults(func=cmd_resume)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from ..config import DataDir
+    from ..hub.server import open_node
+
+    path = Path(args.dir)
+    mirror = MirrorDir(path)
+    if mirror.exists():
+        node = mirror.open_node()
+        name = args.source or mirror.config().spec().name
+    elif DataDir(path).config_file.exists():
+        if not args.source:
+            raise ConfigError("name the mirrored collection to resume (HUB:NAME, see GET /v1/sources)")
+        node = open_node(DataDir(path), searchable=False)
+        name = args.source
+    else:
+        raise ConfigError(f"{path} is neither a hub data directory nor a mirror directory")
+    try:
+        if node.store.source(name) is None:
+            known = ", ".join(record.name for record in node.store.sources()) or "none"
+            raise ConfigError(f"{path} mirrors no collection named {name!r} (it mirrors: {known})")
+        evidence = len(node.store.evidence(name))
+        if not node.store.resume_source(name):
+            print(f"{name} was not stopped; nothing to do")
+            return 0
+    finally:
+        node.store.close()
+    print(
+        f"{name} resumed: it syncs again from its last verified checkpoint "
+        f"({plural(evidence, 'piece')} of evidence kept); a running hub picks this up at its next poll"
+    )
+    return 0
 
 
 def _pin(text: str) -> str:
@@ -155,10 +211,13 @@ async def _fetch_note(source: str, name: str, hub: str, collection: str) -> str:
     if not source.startswith(("http://", "https://")):
         return Path(source).read_text()
     timeout = aiohttp.ClientTimeout(total=60)
-    async with aiohttp.ClientSession(timeout=timeout) as session, session.get(source) as response:
+    async with (
+        new_client_session(timeout) as session,
+        session.get(source, headers={"Accept-Encoding": "identity"}) as response,
+    ):
         if response.status != 200:
             raise HubError(response.status, f"{source} answered {response.status}")
-        text = await response.text()
+        text = (await read_limited(response, MAX_JSON_BYTES, source)).decode("utf-8")
         if response.content_type != "application/json":
             return text
     for item in json.loads(text).get("sources", []):

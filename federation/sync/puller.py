@@ -38,7 +38,7 @@ from typing import Any, Protocol, TypeVar
 
 import aiohttp
 
-from ..client import HubClient, HubError
+from ..client import AnswerRefused, HubClient, HubError, new_client_session
 from ..envelope import Envelope, EnvelopeError, parse_payload
 from ..keys import VerifierKey
 from ..node import REPLAY_LIMITS, Node
@@ -104,9 +104,10 @@ class SourceSpec:
     def make(cls, url: str, key: VerifierKey, remote: str) -> SourceSpec:
         """``remote`` as named at ``url``; ``key`` is the origin hub's key (its name is the hub's name)."""
         match = _REMOTE.fullmatch(remote)
-        if match is None:
+        if match is None or match.group(2) in {".", ".."}:
             raise ValueError(
-                f"collection {remote!r} must be NAME or HUB{SEPARATOR}NAME (letters, digits, '.', '_', '-')"
+                f"collection {remote!r} must be NAME or HUB{SEPARATOR}NAME (letters, digits, '.', '_', '-'; "
+                "NAME not '.' or '..')"
             )
         hub, collection = match.group(1), match.group(2)
         if hub is not None and hub != key.name:
@@ -158,10 +159,15 @@ class ByteCounter:
         return config
 
 
+async def _raise(exc: BaseException) -> bytes:
+    """Hand an error to :meth:`Puller._ask`, which sorts it into lost connection or bad answer."""
+    raise exc
+
+
 def new_session(timeout: float, counter: ByteCounter) -> aiohttp.ClientSession:
     """A session whose every request must finish within ``timeout`` seconds (spans are sized to allow it)."""
-    return aiohttp.ClientSession(
-        timeout=aiohttp.ClientTimeout(total=timeout, sock_connect=min(timeout, 10.0)),
+    return new_client_session(
+        aiohttp.ClientTimeout(total=timeout, sock_connect=min(timeout, 10.0)),
         trace_configs=[counter.trace_config()],
     )
 
@@ -319,7 +325,17 @@ class Puller:
         )
 
     async def _fetch(self, start: int, count: int, goal: SignedCheckpoint) -> _Span:
-        body = await self._ask(self.client.entry_lines(self.spec.remote, start, count))
+        try:
+            body = await self.client.entry_lines(self.spec.remote, start, count)
+        except AnswerRefused:
+            if count == 1:
+                raise VerificationError(
+                    f"{self.spec.url} sent entry {start} larger than any entry a hub accepts"
+                ) from None
+            count = 1  # a span of several large entries: take them one at a time
+            body = await self._ask(self.client.entry_lines(self.spec.remote, start, count))
+        except Exception as exc:
+            body = await self._ask(_raise(exc))
         end = start + count
         proof = (
             []
@@ -421,10 +437,13 @@ class Puller:
                 small, large = step.link
                 try:
                     await self._link(small, large, trusted_is_large=not step.newer)
-                except HubError as exc:
+                except ForkDetected:
+                    raise
+                except (HubError, VerificationError) as exc:
+                    reason = exc.detail if isinstance(exc, HubError) else str(exc)
                     return False, (
                         f"the source cannot prove size {small.size} consistent with size {large.size} yet "
-                        f"({exc.detail}); sync and compare again"
+                        f"({reason}); sync and compare again"
                     )
         except SourceStopped:
             raise

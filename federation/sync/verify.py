@@ -102,8 +102,10 @@ class Evidence:
     proof links the smaller size to the larger one: for ``rollback`` it is
     computed from the local log (``old_root`` is the local root at the
     smaller size) and verifies, showing that the smaller note's root is not
-    the larger tree's prefix; for ``unproven`` it is what the source served
-    and does not verify; ``same-size`` needs none.
+    the larger tree's prefix (computed locally, or served by the source and
+    leading to the larger signed root); ``same-size`` needs none. Earlier
+    versions kept ``unproven`` evidence (a proof that did not verify): it is
+    still read, but :meth:`check` refuses it, since it proves nothing.
     """
 
     reason: str
@@ -199,14 +201,10 @@ class Evidence:
                 f"the tree of size {large.size} has a prefix of size {small.size} with another root "
                 f"than the signed checkpoint of size {small.size}"
             )
-        try:
-            merkle.verify_consistency(small.size, large.size, small.root, large.root, self.proof_hashes)
-        except merkle.ProofError:
-            return (
-                f"the source could not prove size {small.size} consistent with size {large.size}; "
-                "an honest hub can: ask it for the proof"
-            )
-        raise VerificationError("the served proof verifies: these checkpoints are consistent")
+        raise VerificationError(
+            "unproven evidence (a consistency proof that does not verify) proves nothing: anyone on the "
+            "path can alter a proof; clear the source and sync again"
+        )
 
 
 def _b64(data: bytes) -> str:
@@ -319,21 +317,37 @@ def check_link(
     origin: Origin,
     trusted_is_large: bool,
 ) -> None:
-    """Check the source's consistency proof between two signed checkpoints; ForkDetected if it fails."""
+    """Check the source's consistency proof between two signed checkpoints.
+
+    A proof that does not verify proves nothing about the hub: anyone on the
+    path can flip one of its bits. That is a :class:`VerificationError`, which
+    a mirror retries. Only when the proof does lead to the larger signed root
+    and shows that tree with another prefix than the smaller signed note is it
+    evidence (:class:`ForkDetected`, reason ``rollback``): two signed
+    checkpoints and a proof that together cannot be true.
+    """
     try:
         merkle.verify_consistency(small.size, large.size, small.root, large.root, proof)
     except merkle.ProofError as exc:
-        trusted, conflicting = (large, small) if trusted_is_large else (small, large)
-        raise ForkDetected(
-            _evidence(
-                UNPROVEN,
-                origin,
-                trusted,
-                conflicting,
-                f"no valid consistency proof from {small.describe()} to {large.describe()}: {exc}",
-                proof=proof,
-                proof_from=origin.url,
-            )
+        prefix = merkle.proven_prefix_root(small.size, large.size, large.root, proof)
+        if prefix is not None and prefix != small.root:
+            trusted, conflicting = (large, small) if trusted_is_large else (small, large)
+            raise ForkDetected(
+                _evidence(
+                    ROLLBACK,
+                    origin,
+                    trusted,
+                    conflicting,
+                    f"the signed tree {large.describe()} has a prefix of size {small.size} with root "
+                    f"{_b64(prefix)}, not the signed {small.describe()}",
+                    proof=proof,
+                    old_root=prefix,
+                    proof_from=origin.url,
+                )
+            ) from exc
+        raise VerificationError(
+            f"the consistency proof from {small.describe()} to {large.describe()} does not verify ({exc}); "
+            "it proves nothing either way (it may have been altered on the way): retry, over TLS if you can"
         ) from exc
 
 
