@@ -205,23 +205,7 @@ def verify_consistency(old: int, new: int, old_root: bytes, new_root: bytes, pro
     path = list(proof)
     if old & (old - 1) == 0:  # old is a power of two: its root starts the path
         path.insert(0, old_root)
-    fn, sn = old - 1, new - 1
-    while fn & 1:
-        fn, sn = fn >> 1, sn >> 1
-    fr = sr = path[0]
-    for element in path[1:]:
-        if sn == 0:
-            raise ProofError("consistency proof is longer than the trees allow")
-        if fn & 1 or fn == sn:
-            fr = node_hash(element, fr)
-            sr = node_hash(element, sr)
-            while fn and not fn & 1:
-                fn, sn = fn >> 1, sn >> 1
-        else:
-            sr = node_hash(sr, element)
-        fn, sn = fn >> 1, sn >> 1
-    if sn != 0:
-        raise ProofError("consistency proof is shorter than the trees require")
+    fr, sr = _consistency_roots(old, new, path)
     if fr != old_root:
         raise ProofError("consistency proof does not lead to the old root")
     if sr != new_root:
@@ -241,13 +225,26 @@ def proven_prefix_root(old: int, new: int, new_root: bytes, proof: Sequence[byte
     """
     if not 0 < old < new or old & (old - 1) == 0 or not proof:
         return None
+    try:
+        fr, sr = _consistency_roots(old, new, proof)
+    except ProofError:
+        return None
+    return fr if sr == new_root else None
+
+
+def _consistency_roots(old: int, new: int, path: Sequence[bytes]) -> tuple[bytes, bytes]:
+    """The old and new roots a consistency proof path leads to (RFC 9162 §2.1.4.2, 0 < old < new).
+
+    ``path`` is the proof with the old root in front when ``old`` is a power
+    of two. Raises ProofError when the path's length does not fit the sizes.
+    """
     fn, sn = old - 1, new - 1
     while fn & 1:
         fn, sn = fn >> 1, sn >> 1
-    fr = sr = proof[0]
-    for element in proof[1:]:
+    fr = sr = path[0]
+    for element in path[1:]:
         if sn == 0:
-            return None
+            raise ProofError("consistency proof is longer than the trees allow")
         if fn & 1 or fn == sn:
             fr = node_hash(element, fr)
             sr = node_hash(element, sr)
@@ -256,9 +253,9 @@ def proven_prefix_root(old: int, new: int, new_root: bytes, proof: Sequence[byte
         else:
             sr = node_hash(sr, element)
         fn, sn = fn >> 1, sn >> 1
-    if sn != 0 or sr != new_root:
-        return None
-    return fr
+    if sn != 0:
+        raise ProofError("consistency proof is shorter than the trees require")
+    return fr, sr
 
 
 class Frontier:

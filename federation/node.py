@@ -32,7 +32,7 @@ from .index.budget import MatchBudget
 from .index.live import IndexCatalog
 from .keys import SignerKey, VerifierKey, check_collection_name
 from .signals import SignalType
-from .state import LogContext, Refusal, apply_entry, check_entry, precheck_signer
+from .state import LogContext, Refusal, apply_entry, check_entry, check_first_entry, check_signer
 from .store.base import CollectionTxn, EntryRecord, HubStore, SourceRecord, StoreError
 
 REPLAY_LIMITS = Limits(
@@ -167,13 +167,10 @@ class Node:
                 "mirrored-collection",
                 f"collection {collection} is mirrored from another hub; submit to its origin hub",
             )
-        context = self.context(collection)
-        if envelope.payload_type != MEMBERSHIP_TYPE and self.store.log_size(collection) == 0:
-            raise Refusal(
-                409, "no-membership-yet", f"collection {collection}'s first entry must be a membership entry"
-            )
-        records = {c: r for c, r in self.store.key_memberships(envelope.signer_key_id) if c == collection}
-        precheck_signer(envelope, context, records.get(collection))
+        context = LogContext(self.federation, collection, self.hub_key)  # an own collection
+        check_first_entry(envelope, context, self.store.log_size(collection))
+        memberships = self.store.key_memberships(envelope.signer_key_id)
+        check_signer(envelope, context, next((r for c, r in memberships if c == collection), None))
         try:
             payload = parse_payload(envelope.payload_type, envelope.payload, self.limits)
         except EnvelopeError as exc:
@@ -404,12 +401,10 @@ class Node:
                                 detail.negative,
                             )
                         )
-        for position, matches in enumerate(results):
+        for matches in results:
             matches.sort(key=lambda m: (m.distance, m.collection, m.hash))
-            if budget is not None:
-                del matches[budget.take(position, len(matches)) :]
-                if position in cut:
-                    budget.truncated.add(position)
+        if budget is not None:
+            budget.cut(results, cut)
         return results
 
 

@@ -104,6 +104,28 @@ def signer_of(envelope: Envelope, payload: Payload, context: LogContext, view: P
     """Check the envelope's signature and authority; return the signer's key id."""
     key_id = envelope.signer_key_id
     if isinstance(payload, MembershipPayload):
+        check_signer(envelope, context, None)
+        return key_id
+    record = view.key_record(key_id)
+    check_signer(envelope, context, record)
+    if record is not None and payload.member != record.member:
+        raise Refusal(
+            403,
+            "wrong-member",
+            f"payload member {payload.member!r} is not the signer's member {record.member!r}",
+        )
+    return key_id
+
+
+def check_signer(envelope: Envelope, context: LogContext, record: KeyRecord | None) -> None:
+    """Check the envelope's signature and its signer's standing, from the payload type alone.
+
+    ``record`` is the signer's key record in the collection, if any. Needing
+    no payload, this runs before the payload is parsed (the hub's readers do,
+    so a stranger's batch is never parsed) and again in :func:`signer_of`.
+    """
+    key_id = envelope.signer_key_id
+    if envelope.payload_type == MEMBERSHIP_TYPE:
         if key_id != context.hub_key.key_id:
             raise Refusal(
                 403,
@@ -114,68 +136,32 @@ def signer_of(envelope: Envelope, payload: Payload, context: LogContext, view: P
             raise Refusal(
                 400, "bad-envelope-signature", f"the envelope signature by {key_id} does not verify"
             )
-        return key_id
-    record = view.key_record(key_id)
+        return
     if record is None:
         raise Refusal(
-            403,
-            "unknown-key",
-            f"key {key_id} is not a member key of collection {context.collection}",
+            403, "unknown-key", f"key {key_id} is not a member key of collection {context.collection}"
         )
     if not record.active:
         raise Refusal(403, "revoked-key", f"key {key_id} was revoked at log index {record.revoked_index}")
     if not envelope.verify(record.key):
         raise Refusal(400, "bad-envelope-signature", f"the envelope signature by {key_id} does not verify")
-    needed = "write" if isinstance(payload, BatchPayload) else "read"
+    needed = "write" if envelope.payload_type == BATCH_TYPE else "read"
     if needed not in record.rights:
         raise Refusal(
             403,
             "missing-right",
             f"key {key_id} lacks the {needed!r} right on collection {context.collection}",
         )
-    if payload.member != record.member:
+
+
+def check_first_entry(envelope: Envelope, context: LogContext, log_size: int) -> None:
+    """A collection's first entry must be a membership entry."""
+    if log_size == 0 and envelope.payload_type != MEMBERSHIP_TYPE:
         raise Refusal(
-            403,
-            "wrong-member",
-            f"payload member {payload.member!r} is not the signer's member {record.member!r}",
+            409,
+            "no-membership-yet",
+            f"collection {context.collection}'s first entry must be a membership entry",
         )
-    return key_id
-
-
-def precheck_signer(envelope: Envelope, context: LogContext, record: KeyRecord | None) -> None:
-    """The refusals of :func:`signer_of` that need no payload: run before the payload is parsed.
-
-    ``record`` is the signer's key record in the collection, if any. The
-    payload type says which right is needed; :func:`check_entry` still makes
-    every check, in the write transaction.
-    """
-    key_id = envelope.signer_key_id
-    if envelope.payload_type == MEMBERSHIP_TYPE:
-        if key_id != context.hub_key.key_id:
-            raise Refusal(
-                403,
-                "not-hub-key",
-                f"membership entries must be signed by the hub key {context.hub_key.key_id}, not {key_id}",
-            )
-        key = context.hub_key
-    else:
-        if record is None:
-            raise Refusal(
-                403, "unknown-key", f"key {key_id} is not a member key of collection {context.collection}"
-            )
-        if not record.active:
-            raise Refusal(403, "revoked-key", f"key {key_id} was revoked at log index {record.revoked_index}")
-        key = record.key
-    if not envelope.verify(key):
-        raise Refusal(400, "bad-envelope-signature", f"the envelope signature by {key_id} does not verify")
-    if record is not None and envelope.payload_type != MEMBERSHIP_TYPE:
-        needed = "write" if envelope.payload_type == BATCH_TYPE else "read"
-        if needed not in record.rights:
-            raise Refusal(
-                403,
-                "missing-right",
-                f"key {key_id} lacks the {needed!r} right on collection {context.collection}",
-            )
 
 
 def check_entry(envelope: Envelope, payload: Payload, context: LogContext, view: Projection) -> str:
@@ -193,12 +179,7 @@ def check_entry(envelope: Envelope, payload: Payload, context: LogContext, view:
             "wrong-collection",
             f"payload collection {header.collection!r} does not match the collection posted to, {context.collection!r}",
         )
-    if view.log_size() == 0 and not isinstance(payload, MembershipPayload):
-        raise Refusal(
-            409,
-            "no-membership-yet",
-            f"collection {context.collection}'s first entry must be a membership entry",
-        )
+    check_first_entry(envelope, context, view.log_size())
     key_id = signer_of(envelope, payload, context, view)
     last = view.last_seq(key_id)
     if header.seq <= last:

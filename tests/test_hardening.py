@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import gzip
 import json
 import socket
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 from aiohttp import web
 from helpers import (
@@ -27,48 +24,15 @@ from helpers import (
     item,
     opinion_doc,
     pdq,
-    wait_ready,
 )
-from test_limits import lookup_head, read_reply
+from test_limits import lookup_head, read_reply, serving
 
 from federation.cli import main as cli_main
 from federation.client import AnswerRefused, HubClient
-from federation.hub import create_app, open_node
-from federation.hub.app import RUNTIME, HubRuntime
-from federation.hub.server import start_server
 from federation.keys import SignerKey, VerifierKey
 from federation.state import KeyRecord
 
 ENTRIES = f"/v1/collections/{COLLECTION}/entries"
-
-
-@dataclass
-class Served:
-    hub: Hub
-    runtime: HubRuntime
-    port: int
-
-
-@contextlib.asynccontextmanager
-async def serving(federation: Any, **settings: Any) -> AsyncIterator[Served]:
-    config = dataclasses.replace(federation.data.config(), **settings)
-    federation.data.config_file.write_text(config.to_toml())
-    app = create_app(open_node(federation.data), config)
-    runner, site = await start_server(app, config, "127.0.0.1", 0)
-    try:
-        async with aiohttp.ClientSession() as session:
-            hub = Hub(
-                f"http://127.0.0.1:{site.port}",
-                federation.data,
-                federation.hub,
-                federation.members,
-                {},
-                session,
-            )
-            await wait_ready(hub)
-            yield Served(hub, app[RUNTIME], site.port)
-    finally:
-        await runner.cleanup()
 
 
 async def _raw(

@@ -38,6 +38,7 @@ from helpers import (
 from federation.client import HubClient, HubError
 from federation.config import ConfigError, HubConfig
 from federation.hub import create_app, open_node
+from federation.hub.app import RUNTIME, HubRuntime
 from federation.hub.limits import ADMISSION, RateLimited, RateLimiter
 from federation.hub.server import start_server
 from federation.node import Node
@@ -52,6 +53,7 @@ class Served:
     admission_queued: Callable[[], int]
     open_connections: Callable[[], int]
     port: int
+    runtime: HubRuntime
 
 
 @contextlib.asynccontextmanager
@@ -68,7 +70,9 @@ async def serving(federation: Any, **settings: Any) -> AsyncIterator[Served]:
             url = f"http://127.0.0.1:{site.port}"
             hub = Hub(url, federation.data, federation.hub, federation.members, {}, session)
             await wait_ready(hub)
-            yield Served(hub, node, lambda: app[ADMISSION].queued, lambda: site.limiter.open, site.port)
+            yield Served(
+                hub, node, lambda: app[ADMISSION].queued, lambda: site.limiter.open, site.port, app[RUNTIME]
+            )
     finally:
         await runner.cleanup()
 

@@ -17,7 +17,7 @@ from ..sync.peering import Peering
 from .batching import LookupBatcher
 from .limits import ADMISSION, Admission, RequestGuard, handler_args, limit_middlewares, rate_limiter
 from .problems import MAX_BODY, problem_middleware
-from .sending import SendDeadline, StreamSlots, deadline_for, send_deadline_middleware
+from .sending import SendDeadline, StreamSlots, send_deadline_middleware
 
 T = TypeVar("T")
 READER_THREADS = 32
@@ -43,14 +43,17 @@ class HubRuntime:
         )
     )
     batcher: LookupBatcher | None = None
-    streams: StreamSlots = field(default_factory=lambda: StreamSlots(16, 4))
+    streams: StreamSlots = field(init=False)
     """Slots for entries requests, apart from admission (see :mod:`.sending`)."""
-    deadline: SendDeadline = field(default_factory=lambda: SendDeadline(30.0, 16_384))
+    deadline: SendDeadline = field(init=False)
+    """How long a client may take to read an answer."""
     ready: bool = False
     peering: Peering | None = None
     """Background mirroring of the peers named in hub.toml (None: no peers)."""
 
     def __post_init__(self) -> None:
+        self.streams = StreamSlots(self.config.max_streams, self.config.max_streams_per_key)
+        self.deadline = SendDeadline(self.config.send_timeout_seconds, self.config.min_send_bytes_per_second)
         if self.batcher is None:
             self.batcher = LookupBatcher(
                 self.node.lookup,
@@ -73,12 +76,14 @@ RUNTIME = web.AppKey("runtime", HubRuntime)
 def create_app(node: Node, config: HubConfig) -> web.Application:
     from .routes import add_routes
 
-    # Limits (docs/operations.md): bodies read against a deadline, then admission,
-    # then rate-limit answers; problem_middleware renders whatever they refuse.
+    runtime = HubRuntime(node, config, guard=RequestGuard(rate_limiter(config)))
+    # Limits (docs/operations.md): answers sent under a deadline; bodies read
+    # only once their headers pass, against a deadline; then admission and
+    # rate-limit answers; problem_middleware renders whatever they refuse.
     admission = Admission(config.max_inflight, config.max_queued, config.queue_timeout_seconds)
     app = web.Application(
         middlewares=[
-            send_deadline_middleware(deadline_for(config)),
+            send_deadline_middleware(runtime.deadline),
             problem_middleware,
             *limit_middlewares(config, admission, _authenticate_headers),
         ],
@@ -86,13 +91,6 @@ def create_app(node: Node, config: HubConfig) -> web.Application:
         handler_args=handler_args(config),
     )
     app[ADMISSION] = admission
-    runtime = HubRuntime(
-        node,
-        config,
-        guard=RequestGuard(rate_limiter(config)),
-        streams=StreamSlots(config.max_streams, config.max_streams_per_key),
-        deadline=deadline_for(config),
-    )
     if config.peers:  # member keys are read now: a bad peer configuration stops the start
         runtime.peering = Peering(node, config.peers)
     app[RUNTIME] = runtime
@@ -124,17 +122,12 @@ async def _authenticate_headers(request: web.Request) -> None:
     signature is refused on the headers alone, and the body's digest is
     checked against the signed Content-Digest once it has arrived.
     """
-    from .auth import CALLER, authenticate, raw_query
+    from .auth import CALLER, SignedRequest, authenticate
 
     runtime = request.app[RUNTIME]
-    method, path, query, headers = (
-        request.method,
-        request.raw_path.split("?", 1)[0],
-        raw_query(request),
-        request.headers,
-    )
+    signed = SignedRequest.of(request)
     request[CALLER] = await runtime.read(
-        lambda: authenticate(runtime.node, runtime.guard, method, path, query, headers, None, has_body=True)
+        lambda: authenticate(runtime.node, runtime.guard, signed, None, has_body=True)
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -40,13 +41,34 @@ class Caller:
             )
 
 
+@dataclass(frozen=True)
+class SignedRequest:
+    """What a request's signature covers, taken on the event loop for a worker thread to verify."""
+
+    method: str
+    path: str
+    """The raw path, without the query."""
+    query: str
+    """The raw query string, without its ``?``."""
+    headers: Mapping[str, str]
+    early: Caller | None = None
+    """The caller, when the request was authenticated from its headers before its body was read."""
+
+    @classmethod
+    def of(cls, request: web.Request) -> SignedRequest:
+        return cls(
+            request.method,
+            request.raw_path.split("?", 1)[0],
+            request.rel_url.raw_query_string,
+            request.headers,
+            request.get(CALLER),
+        )
+
+
 def authenticate(
     node: Node,
     guard: RequestGuard,
-    method: str,
-    path: str,
-    query: str,
-    headers: object,
+    signed: SignedRequest,
     body: bytes | None,
     *,
     has_body: bool | None = None,
@@ -55,9 +77,14 @@ def authenticate(
 
     ``guard`` then refuses a replay (401) and a key over its rate limit (429).
     With ``body=None`` only what the headers decide is checked (the body is
-    not read yet; ``has_body`` says whether one follows): the caller then
-    checks the body with :func:`check_body`.
+    not read yet; ``has_body`` says whether one follows). A request already
+    authenticated that way (``signed.early``) has only its body checked
+    against the signed Content-Digest.
     """
+    if signed.early is not None:
+        if body is not None:
+            _check_body(signed.early, body)
+        return signed.early
     records: list[tuple[str, KeyRecord]] = []
 
     def resolve(key_id: str) -> list[VerifierKey]:
@@ -71,10 +98,10 @@ def authenticate(
     now = int(time.time())
     try:
         verified = verify_request(
-            method=method,
-            path=path,
-            query=query,
-            headers=headers,  # type: ignore[arg-type]
+            method=signed.method,
+            path=signed.path,
+            query=signed.query,
+            headers=signed.headers,
             body=body,
             resolve_key=resolve,
             now=now,
@@ -96,8 +123,7 @@ def authenticate(
     return Caller(verified.key_id, verified.key == node.hub_key, memberships, verified)
 
 
-def check_body(caller: Caller, body: bytes) -> None:
-    """Check the body of a request authenticated from its headers against its signed Content-Digest."""
+def _check_body(caller: Caller, body: bytes) -> None:
     if caller.verified is None:
         return
     try:
@@ -109,10 +135,6 @@ def check_body(caller: Caller, body: bytes) -> None:
 def _refused(exc: SignatureRefused) -> Problem:
     digest = exc.status == 400 and "digest" in exc.detail
     return Problem(exc.status, "content-digest-mismatch" if digest else "bad-request-signature", exc.detail)
-
-
-def raw_query(request: web.Request) -> str:
-    return request.rel_url.raw_query_string
 
 
 CALLER = web.RequestKey("caller", Caller)

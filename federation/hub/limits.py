@@ -356,11 +356,8 @@ def limit_middlewares(
             )
         declared = request.content_length
         if declared is not None and declared > config.max_body_bytes:
-            raise Problem(
-                413,
-                "body-too-large",
-                f"request body exceeds the hub's limit of {config.max_body_bytes} bytes",
-            )
+            # Refused from its length alone, as aiohttp refuses one found too long while reading.
+            raise web.HTTPRequestEntityTooLarge(max_size=config.max_body_bytes, actual_size=declared)
         if check_headers is not None and not request.content.is_eof():
             await check_headers(request)
         size = declared if declared is not None else config.max_body_bytes

@@ -24,7 +24,7 @@ from ..signals import (
 from ..state import Refusal
 from ..sync.wire import match_json, source_json
 from .app import RUNTIME, HubRuntime
-from .auth import CALLER, Caller, authenticate, check_body, raw_query
+from .auth import Caller, SignedRequest, authenticate
 from .problems import Problem
 
 ENTRIES_PAGE_CAP = 1000
@@ -38,21 +38,8 @@ def _runtime(request: web.Request) -> HubRuntime:
 
 async def _caller(request: web.Request, body: bytes = b"") -> Caller:
     runtime = _runtime(request)
-    early: Caller | None = request.get(CALLER)
-    if early is not None:  # authenticated from the headers before the body was read
-        check_body(early, body)
-        return early
-    return await runtime.read(
-        lambda: authenticate(
-            runtime.node,
-            runtime.guard,
-            request.method,
-            request.raw_path.split("?", 1)[0],
-            raw_query(request),
-            request.headers,
-            body,
-        )
-    )
+    signed = SignedRequest.of(request)
+    return await runtime.read(lambda: authenticate(runtime.node, runtime.guard, signed, body))
 
 
 async def _collection(request: web.Request) -> str:
@@ -169,9 +156,26 @@ async def post_entry(request: web.Request) -> web.Response:
     )
 
 
-def _entry_line(index: int, data: bytes) -> bytes:
-    """One entry as the API writes it; ``data`` is the envelope's canonical JSON, spliced in as is."""
-    return b'{"index":%d,"envelope":%s}' % (index, data)
+def _serialised_entries(
+    runtime: HubRuntime,
+    collection: str,
+    start: int,
+    limit: int,
+    *,
+    separator: bytes = b"",
+    terminator: bytes = b"",
+) -> tuple[bytes, int]:
+    """Up to ``limit`` entries from ``start`` (at most ``entries_page_bytes`` of them) as the API
+    writes them, and the index after the last one (worker thread).
+
+    Each entry's envelope is its stored canonical JSON, spliced in as is.
+    """
+    records = runtime.node.store.entries(collection, start, limit, runtime.config.entries_page_bytes)
+    following = records[-1].index + 1 if records else start
+    joined = separator.join(
+        b'{"index":%d,"envelope":%s}%s' % (record.index, record.data, terminator) for record in records
+    )
+    return joined, following
 
 
 async def get_entries(request: web.Request) -> web.StreamResponse:
@@ -190,20 +194,13 @@ async def get_entries(request: web.Request) -> web.StreamResponse:
         if NDJSON in request.headers.get("Accept", ""):
             return await _stream_entries(request, runtime, collection, start, request.query.get("limit"))
         limit = min(_int_param(request, "limit", ENTRIES_PAGE_CAP), ENTRIES_PAGE_CAP)
-        page_bytes = runtime.config.entries_page_bytes
-        records = await runtime.read(lambda: runtime.node.store.entries(collection, start, limit, page_bytes))
-        following = records[-1].index + 1 if records else start
-        body = b'{"entries":[%s],"next":%d}' % (
-            b",".join(_entry_line(r.index, r.data) for r in records),
-            following,
+        entries, following = await runtime.read(
+            lambda: _serialised_entries(runtime, collection, start, limit, separator=b",")
         )
-        del records
-        if request.method == "HEAD":  # aiohttp sends the headers of a whole-body answer only
-            return web.Response(body=body, content_type="application/json")
-        response = web.StreamResponse(headers={"Content-Type": "application/json"})
-        response.content_length = len(body)
-        await runtime.deadline.write(request, response, body)
-        await runtime.deadline.finish(request, response)
+        body = b'{"entries":[%s],"next":%d}' % (entries, following)
+        del entries
+        response = web.Response(body=body, content_type="application/json")
+        await runtime.deadline.send(request, response)  # while the slot is held
         return response
 
 
@@ -212,21 +209,19 @@ async def _stream_entries(
 ) -> web.StreamResponse:
     size = await runtime.read(lambda: runtime.node.store.log_size(collection))
     end = size if limit_text is None else min(size, start + _int_param(request, "limit"))
-    chunk_bytes = runtime.config.entries_page_bytes
     response = web.StreamResponse(headers={"Content-Type": NDJSON})
     await response.prepare(request)
     position = start
     while position < end:
         chunk = min(ENTRIES_PAGE_CAP, end - position)
-        records = await runtime.read(
-            lambda p=position, n=chunk: runtime.node.store.entries(collection, p, n, chunk_bytes)  # type: ignore[misc]
+        lines, following = await runtime.read(
+            lambda p=position, n=chunk: _serialised_entries(runtime, collection, p, n, terminator=b"\n")  # type: ignore[misc]
         )
-        if not records:
+        if following == position:
             break
-        lines = b"".join(_entry_line(record.index, record.data) + b"\n" for record in records)
-        position = records[-1].index + 1
-        del records
+        position = following
         await runtime.deadline.write(request, response, lines)
+        del lines
     await runtime.deadline.finish(request, response)
     return response
 
@@ -317,29 +312,17 @@ def _parse_lookup(obj: Any, max_queries: int) -> tuple[list[tuple[SignalType, st
 async def lookup(request: web.Request) -> web.Response:
     runtime = _runtime(request)
     body = await request.read()
-    method, path, query, headers = (
-        request.method,
-        request.raw_path.split("?", 1)[0],
-        raw_query(request),
-        request.headers,
-    )
+    signed = SignedRequest.of(request)
     # One trip to a worker thread for the whole request: authentication, parsing,
     # search and serialisation. Lookups are the hot path; each hop between the
     # event loop and the pool costs more than a small search does.
-    early: Caller | None = request.get(CALLER)
-    answer = await runtime.read(lambda: _answer_lookup(runtime, method, path, query, headers, body, early))
+    answer = await runtime.read(lambda: _answer_lookup(runtime, signed, body))
     return web.Response(body=answer, content_type="application/json")
 
 
-def _answer_lookup(
-    runtime: HubRuntime, method: str, path: str, query: str, headers: Any, body: bytes, early: Caller | None
-) -> bytes:
+def _answer_lookup(runtime: HubRuntime, signed: SignedRequest, body: bytes) -> bytes:
     node = runtime.node
-    if early is not None:
-        check_body(early, body)
-        caller = early
-    else:
-        caller = authenticate(node, runtime.guard, method, path, query, headers, body)
+    caller = authenticate(node, runtime.guard, signed, body)
     queries, max_distance, asked = _parse_lookup(_json_body(body, "lookup body"), runtime.config.max_queries)
     existing = node.collections()
     sources = node.sources()

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager, suppress
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from ..config import HubConfig
 from .limits import OVERLOAD_RETRY_AFTER
 from .problems import Problem
 
@@ -39,20 +38,28 @@ class SendDeadline:
 
     async def write(self, request: web.Request, response: web.StreamResponse, data: bytes) -> None:
         """Write ``data`` (preparing the response first if need be), or close the connection and raise."""
-        try:
-            await asyncio.wait_for(self._write(request, response, data), self.seconds_for(len(data)))
-        except TimeoutError:
-            self.abort(request)
-            raise SendTimeout(
-                f"the client read under {self.min_rate} bytes/s; closed after {self.seconds_for(len(data)):g} s"
-            ) from None
+        await self._within(request, self._write(request, response, data), len(data))
 
     async def finish(self, request: web.Request, response: web.StreamResponse) -> None:
+        await self._within(request, response.write_eof(), 0)
+
+    async def send(self, request: web.Request, response: web.Response) -> None:
+        """Send a whole-body answer (aiohttp leaves the body out for HEAD)."""
+        body = response.body
+        size = len(body) if isinstance(body, bytes | bytearray) else 0
+        await self._within(request, self._whole(request, response), size)
+
+    async def _within(self, request: web.Request, step: Awaitable[None], size: int) -> None:
+        seconds = self.seconds_for(size)
         try:
-            await asyncio.wait_for(response.write_eof(), self.timeout)
+            await asyncio.wait_for(step, seconds)
         except TimeoutError:
-            self.abort(request)
-            raise SendTimeout("the client did not read the end of its answer in time") from None
+            transport = request.transport
+            if transport is not None:
+                transport.abort()
+            raise SendTimeout(
+                f"the client read under {self.min_rate} bytes/s; its connection was closed after {seconds:g} s"
+            ) from None
 
     @staticmethod
     async def _write(request: web.Request, response: web.StreamResponse, data: bytes) -> None:
@@ -61,10 +68,9 @@ class SendDeadline:
         await response.write(data)
 
     @staticmethod
-    def abort(request: web.Request) -> None:
-        transport = request.transport
-        if transport is not None:
-            transport.abort()
+    async def _whole(request: web.Request, response: web.Response) -> None:
+        await response.prepare(request)
+        await response.write_eof()
 
 
 def send_deadline_middleware(deadline: SendDeadline) -> Middleware:
@@ -74,25 +80,12 @@ def send_deadline_middleware(deadline: SendDeadline) -> Middleware:
     async def send_within_deadline(request: web.Request, handler: Handler) -> web.StreamResponse:
         response = await handler(request)
         if isinstance(response, web.Response) and not response.prepared:
-            body = response.body
-            size = len(body) if isinstance(body, bytes | bytearray) else 0
-            with suppress(SendTimeout, ConnectionError):
-                await asyncio.wait_for(_send(request, response), deadline.seconds_for(size))
             # aiohttp then finds the answer sent (or the connection gone) and moves on.
+            with suppress(ConnectionError):
+                await deadline.send(request, response)
         return response
 
     return send_within_deadline
-
-
-async def _send(request: web.Request, response: web.Response) -> None:
-    try:
-        await response.prepare(request)
-        await response.write_eof()
-    except TimeoutError:
-        raise
-    except asyncio.CancelledError:
-        SendDeadline.abort(request)
-        raise
 
 
 class StreamSlots:
@@ -131,7 +124,3 @@ class StreamSlots:
             self._held[key_id] -= 1
             if not self._held[key_id]:
                 del self._held[key_id]
-
-
-def deadline_for(config: HubConfig) -> SendDeadline:
-    return SendDeadline(config.send_timeout_seconds, config.min_send_bytes_per_second)

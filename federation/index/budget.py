@@ -16,7 +16,8 @@ never smaller. The merge then runs the real budget over the merged matches.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 DEFAULT_MAX_MATCHES_PER_QUERY = 10_000
 DEFAULT_MAX_MATCHES_PER_ANSWER = 100_000
@@ -50,6 +51,16 @@ class MatchBudget:
         if kept:
             self._spent[answer] = spent + kept
         return kept
+
+    def cut(self, results: Sequence[list[Any]], cut_before: Iterable[int] = ()) -> None:
+        """Cut merged per-query results (each sorted nearest first) to this budget, in place.
+
+        ``cut_before`` names the queries that the indexes merged here already
+        cut short: they stay marked truncated even where this cut keeps all.
+        """
+        for position, matches in enumerate(results):
+            del matches[self.take(position, len(matches)) :]
+        self.truncated.update(cut_before)
 
     def fork(self) -> MatchBudget:
         """The same limits over the same queries, with nothing spent (for one of several indexes)."""

@@ -205,9 +205,9 @@ class SegmentedPdqIndex:
     ) -> list[list[Match]]:
         check_max_distance(self.signal, max_distance)
         raw = decode_hashes(self.signal, queries)
-        fresh_budget = large_budget = None
-        if budget is not None:  # each segment keeps what the merged answer may need (see budget.py)
-            fresh_budget, large_budget = budget.fork(), budget.fork()
+        # Each segment keeps what the merged answer may need (see budget.py).
+        fresh_budget = budget.fork() if budget is not None else None
+        large_budget = budget.fork() if budget is not None else None
         with self._lock:
             # The fresh segment is small: searching it under the lock, with the large
             # segment's state taken at the same instant, means a lookup sees every
@@ -224,13 +224,8 @@ class SegmentedPdqIndex:
                 hexes = [row.tobytes().hex() for row in large.codes[rows]]
                 matches.extend(zip(hexes, distances.tolist(), strict=True))
                 matches.sort(key=lambda match: (match[1], match[0]))
-        if budget is None or fresh_budget is None or large_budget is None:
-            return results
-        cut = fresh_budget.truncated | large_budget.truncated
-        for position, matches in enumerate(results):
-            del matches[budget.take(position, len(matches)) :]
-            if position in cut:
-                budget.truncated.add(position)
+        if budget is not None and fresh_budget is not None and large_budget is not None:
+            budget.cut(results, fresh_budget.truncated | large_budget.truncated)
         return results
 
     def __len__(self) -> int:

@@ -291,35 +291,35 @@ class SqliteStore:
             raise StoreError(f"collection {name} already exists") from exc
 
     @contextmanager
-    def write(self, collection: str) -> Iterator[SqliteTxn]:
-        """Open a write transaction; it commits when the block ends without an exception."""
+    def _immediate(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction (``BEGIN IMMEDIATE``): committed when the block ends, else rolled back."""
         conn = self._conn()
         conn.execute("BEGIN IMMEDIATE")
         try:
-            row = conn.execute("SELECT size FROM collections WHERE name = ?", (collection,)).fetchone()
-            if row is None:
-                raise StoreError(f"no collection named {collection}")
-            yield SqliteTxn(conn, collection, int(row[0]))
+            yield conn
         except BaseException:
             conn.execute("ROLLBACK")
             raise
         conn.execute("COMMIT")
 
     @contextmanager
+    def write(self, collection: str) -> Iterator[SqliteTxn]:
+        """Open a write transaction; it commits when the block ends without an exception."""
+        with self._immediate() as conn:
+            row = conn.execute("SELECT size FROM collections WHERE name = ?", (collection,)).fetchone()
+            if row is None:
+                raise StoreError(f"no collection named {collection}")
+            yield SqliteTxn(conn, collection, int(row[0]))
+
+    @contextmanager
     def rebuild(self, collection: str) -> Iterator[SqliteTxn]:
         """A write transaction with the collection's projection emptied, to replay its log into."""
-        conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with self._immediate() as conn:
             if conn.execute("SELECT 1 FROM collections WHERE name = ?", (collection,)).fetchone() is None:
                 raise StoreError(f"no collection named {collection}")
             for table in PROJECTION_TABLES:
                 conn.execute(f"DELETE FROM {table} WHERE collection = ?", (collection,))
             yield SqliteTxn(conn, collection, 0)
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
 
     def log_size(self, collection: str) -> int:
         row = self._conn().execute("SELECT size FROM collections WHERE name = ?", (collection,)).fetchone()
@@ -458,38 +458,18 @@ class SqliteStore:
         same transaction as the entries: if the block raises, neither the
         entries nor the new checkpoints are kept.
         """
-        conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            size = record_source(conn, record)
-            yield SqliteTxn(conn, record.name, size)
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+        with self._immediate() as conn:
+            yield SqliteTxn(conn, record.name, record_source(conn, record))
 
     def add_evidence(self, name: str, detected: str, body: str) -> None:
         """Keep fork evidence for a source and stop it, in one transaction."""
-        conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with self._immediate() as conn:
             record_evidence(conn, name, detected, body)
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
 
     def evidence(self, name: str) -> list[str]:
         return read_evidence(self._conn(), name)
 
     def resume_source(self, name: str) -> bool:
         """Clear a source's stop (its evidence is kept); False if it was not stopped."""
-        conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            was_stopped = resume_source(conn, name)
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
-        return was_stopped
+        with self._immediate() as conn:
+            return resume_source(conn, name)

@@ -159,11 +159,6 @@ class ByteCounter:
         return config
 
 
-async def _raise(exc: BaseException) -> bytes:
-    """Hand an error to :meth:`Puller._ask`, which sorts it into lost connection or bad answer."""
-    raise exc
-
-
 def new_session(timeout: float, counter: ByteCounter) -> aiohttp.ClientSession:
     """A session whose every request must finish within ``timeout`` seconds (spans are sized to allow it)."""
     return new_client_session(
@@ -326,16 +321,12 @@ class Puller:
 
     async def _fetch(self, start: int, count: int, goal: SignedCheckpoint) -> _Span:
         try:
-            body = await self.client.entry_lines(self.spec.remote, start, count)
-        except AnswerRefused:
-            if count == 1:
-                raise VerificationError(
-                    f"{self.spec.url} sent entry {start} larger than any entry a hub accepts"
-                ) from None
+            body = await self._ask(self.client.entry_lines(self.spec.remote, start, count))
+        except VerificationError as exc:
+            if count == 1 or not isinstance(exc.__cause__, AnswerRefused):
+                raise
             count = 1  # a span of several large entries: take them one at a time
             body = await self._ask(self.client.entry_lines(self.spec.remote, start, count))
-        except Exception as exc:
-            body = await self._ask(_raise(exc))
         end = start + count
         proof = (
             []
