@@ -188,6 +188,9 @@ class FaissBinaryIndex:
         results: list[list[Match]] = []
         for query in range(len(queries)):
             lo, hi = int(kept[query]), int(kept[query + 1])
+            if lo == hi:  # most queries of a batch: nothing to sort or cut
+                results.append([])
+                continue
             # Nearest first, ties by hash: the codes' bytes order as their hex does.
             order = np.lexsort((found[lo:hi].view(f"V{self._width}").ravel(), dists[lo:hi]))
             if budget is not None:
