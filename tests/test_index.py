@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from federation.index import ExactIndex, FaissBinaryIndex, SearchIndex, new_index
+from federation.index.budget import MatchBudget
 from federation.index.segmented import SegmentedPdqIndex, merge_sorted, sorted_unique
 from federation.signals import MD5, PDQ, SHA256, SignalError
 
@@ -370,6 +371,42 @@ def test_segmented_search_equals_brute_force_across_merges(scenario: Scenario, f
     index.merge()
     assert sorted(c.tobytes().hex() for c in index.live_codes()) == sorted(present)
     assert index.search(queries, 40) == brute_force(present, queries, 40)
+
+
+def bounded_brute_force(
+    exact: list[list[tuple[str, int]]], per_query: int, per_answer: int, answers: list[int]
+) -> tuple[list[list[tuple[str, int]]], set[int]]:
+    """Design §7's bounds applied to complete answers: nearest first, answers spent in query order."""
+    spent: dict[int, int] = {}
+    cut, truncated = [], set()
+    for position, matches in enumerate(exact):
+        room = min(per_query, per_answer - spent.get(answers[position], 0))
+        cut.append(matches[:room])
+        spent[answers[position]] = spent.get(answers[position], 0) + len(cut[-1])
+        if len(matches) > room:
+            truncated.add(position)
+    return cut, truncated
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios(), st.integers(1, 8), st.integers(0, 6), st.integers(0, 12), st.integers(1, 3))
+def test_bounded_search_equals_brute_force_cut_to_the_bounds(
+    scenario: Scenario, fresh_limit: int, per_query: int, per_answer: int, requests: int
+) -> None:
+    """Match bounds cut inside each segment give exactly the complete answer, cut afterwards."""
+    index = SegmentedPdqIndex(PDQ, fresh_limit=fresh_limit, background_merge=False)
+    present: set[str] = set()
+    queries = (scenario.centers + scenario.pool) * 2  # repeated queries spend the budget twice
+    answers = [position * requests // len(queries) for position in range(len(queries))]
+    for kind, picks in scenario.ops:
+        batch = [scenario.pool[i] for i in picks]
+        (index.add if kind == "add" else index.remove)(batch)
+        (present.update if kind == "add" else present.difference_update)(batch)
+        for max_distance in scenario.distances:
+            budget = MatchBudget(per_query, per_answer, answers)
+            got = index.search(queries, max_distance, budget)
+            exact = brute_force(present, queries, max_distance)
+            assert (got, budget.truncated) == bounded_brute_force(exact, per_query, per_answer, answers)
 
 
 def test_segmented_updates_during_a_background_merge_are_kept() -> None:
