@@ -16,10 +16,12 @@ from . import __version__, admin
 from .cli_output import HELP, Progress, index_range, lookup_table, members_table, plural
 from .client import HubClient, HubError
 from .config import ConfigError, DataDir
-from .envelope import RIGHTS, VERDICTS, Grant, OpinionItem, Removal
+from .envelope import RIGHTS, VERDICTS, Addition, Grant, OpinionItem, Removal
 from .hashfile import HashCollector, HashFileError
 from .keys import KEY_ID_PATTERN, KeyFormatError, SignerKey, VerifierKey, load_signer_file, write_signer_file
-from .signals import PDQ_MAX_DISTANCE_LIMIT, SIGNAL_TYPES, SignalError
+from .payloads import query_json
+from .signals import SIGNAL_TYPES, SignalError, signal_type
+from .signals.pdq import MAX_DISTANCE_LIMIT as REQUEST_MAX_DISTANCE_LIMIT
 from .state import Refusal
 from .store.base import StoreError
 
@@ -210,12 +212,12 @@ def _read_inputs(collector: HashCollector, files: Sequence[str]) -> None:
             collector.add_file(Path(name))
 
 
-def _hashes_from_arguments(args: argparse.Namespace, files: Sequence[str]) -> list[tuple[str, str]]:
+def _hashes_from_arguments(args: argparse.Namespace, files: Sequence[str]) -> list[Addition]:
     collector = HashCollector(args.type)
     for position, text in enumerate(args.hashes, start=1):
         collector.add(f"hash argument {position} ({text[:16]})", text)
     _read_inputs(collector, files)
-    found = [(item.signal, item.hash) for item in collector.result()]
+    found = collector.result()
     if not found:
         raise UsageError("no hashes given: name them as arguments or give --file")
     return found
@@ -275,8 +277,28 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _distances(texts: Sequence[str]) -> dict[str, int]:
+    """``--distance TYPE=D`` options: a query's own ``max_distance`` for every query of that type."""
+    distances: dict[str, int] = {}
+    for text in texts:
+        name, _, value = text.partition("=")
+        try:
+            signal = signal_type(name.strip().lower())
+        except SignalError as exc:
+            raise UsageError(f"--distance {text}: {exc}") from None
+        limit = signal.max_distance_limit
+        if limit is None:
+            raise UsageError(f"--distance {text}: {signal.name} matches identical hashes only")
+        if not value.strip().isdigit() or int(value) > limit:
+            raise UsageError(f"--distance {text}: give TYPE=D with D a whole number from 0 to {limit:,}")
+        distances[signal.name] = int(value)
+    return distances
+
+
 def cmd_lookup(args: argparse.Namespace) -> int:
-    queries = _hashes_from_arguments(args, args.file)
+    items = _hashes_from_arguments(args, args.file)
+    distances = _distances(args.distance)
+    queries = [query_json(item, distances.get(item.signal)) for item in items]
 
     async def work(client: HubClient) -> list[list[dict[str, Any]]]:
         results: list[list[dict[str, Any]]] = []
@@ -294,14 +316,15 @@ def cmd_lookup(args: argparse.Namespace) -> int:
         results = mirror_lookup(args.mirror, queries, args.max_distance, args.collection)
     else:
         results = _with_client(args, work)
+    shown = [(item.signal, item.hash) for item in items]
     if args.json:
         answer = [
             {"query": {"type": t, "hash": h}, "matches": matches}
-            for (t, h), matches in zip(queries, results, strict=True)
+            for (t, h), matches in zip(shown, results, strict=True)
         ]
         print(json.dumps(answer, indent=2))
         return 0
-    print(lookup_table(queries, results, args.wide))
+    print(lookup_table(shown, results, args.wide))
     matched = sum(1 for matches in results if matches)
     print(f"{plural(len(queries), 'query')}, {matched:,} matched")
     return 0
@@ -313,7 +336,7 @@ def cmd_opinion(args: argparse.Namespace) -> int:
     ):
         raise UsageError("--note must be 1-1000 characters on one line")
     targets = _hashes_from_arguments(args, args.file)
-    opinions = [OpinionItem(signal, value, args.verdict, args.note) for signal, value in targets]
+    opinions = [OpinionItem(item.signal, item.hash, args.verdict, args.note) for item in targets]
 
     async def work(client: HubClient) -> list[int]:
         await _check_collection(client, args.collection)
@@ -404,8 +427,15 @@ def _add_member_commands(sub: Any) -> None:
             p.add_argument(
                 "--max-distance",
                 metavar="D",
-                type=_int_in(0, PDQ_MAX_DISTANCE_LIMIT),
-                help="pdq distance 0-63 (default 31)",
+                type=_int_in(0, REQUEST_MAX_DISTANCE_LIMIT),
+                help="pdq and vpdq frame distance 0-63 (default: the hub's, 31)",
+            )
+            p.add_argument(
+                "--distance",
+                action="append",
+                default=[],
+                metavar="TYPE=D",
+                help="a distance for every query of one type, e.g. photodna=40000 (default: the hub's)",
             )
             p.add_argument(
                 "--collection", action="append", default=[], help="only this collection (repeatable)"

@@ -16,7 +16,7 @@ import asyncio
 import base64
 import json
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -267,13 +267,22 @@ class HubClient:
 
     async def lookup(
         self,
-        queries: Sequence[tuple[str, str]],
+        queries: Sequence[tuple[str, str] | Mapping[str, Any]],
         *,
         max_distance: int | None = None,
         collections: Sequence[str] | None = None,
     ) -> list[list[dict[str, Any]]]:
-        """Matches per query, in order (each a dict as in the wire format)."""
-        request: dict[str, Any] = {"queries": [{"type": t, "hash": h} for t, h in queries]}
+        """Matches per query, in order (each a dict as in the wire format).
+
+        A query is ``(type, hash)`` or a query object as the wire has it (a
+        vpdq query with its ``frames``, a query with its own ``max_distance``).
+        """
+        request: dict[str, Any] = {
+            "queries": [
+                dict(query) if isinstance(query, Mapping) else {"type": query[0], "hash": query[1]}
+                for query in queries
+            ]
+        }
         if max_distance is not None:
             request["max_distance"] = max_distance
         if collections is not None:

@@ -6,7 +6,7 @@ Layout::
     DIR/hub.key       the hub's signer key (mode 0600; back it up, never share it)
     DIR/hub.pub       the hub's verifier key (give it to members and peers)
     DIR/hub.sqlite3   the log and its projection (SQLite, WAL)
-    DIR/index/        snapshots of the PDQ index (derived from the log; safe to delete)
+    DIR/index/        snapshots of the PDQ and PhotoDNA indexes (derived from the log; safe to delete)
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from typing import Any
 
 from .envelope import Limits
 from .keys import KeyFormatError, SignerKey, VerifierKey, check_name, load_signer_file
+from .signals import LookupDefaults
+from .signals.photodna import MAX_DISTANCE_LIMIT as PHOTODNA_MAX_DISTANCE_LIMIT
 
 CONFIG_FILE = "hub.toml"
 SIGNER_FILE = "hub.key"
@@ -229,6 +231,8 @@ class HubConfig:
     """Entries requests one key may have open at once; more get 429."""
     entries_page_bytes: int = 8 * 1024 * 1024
     """Bytes of entries in one JSON page or NDJSON chunk (at least one entry); ``next`` says where to go on."""
+    photodna_max_distance: int = 30_000
+    """Default squared Euclidean distance for PhotoDNA queries that give none (0-9,363,600)."""
     peers: tuple[PeerConfig, ...] = ()
 
     def __post_init__(self) -> None:
@@ -241,6 +245,16 @@ class HubConfig:
         for name in _NON_NEGATIVE:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be 0 or more, got {getattr(self, name)!r}")
+        if not 0 <= self.photodna_max_distance <= PHOTODNA_MAX_DISTANCE_LIMIT:
+            raise ConfigError(
+                f"photodna_max_distance must be from 0 to {PHOTODNA_MAX_DISTANCE_LIMIT:,}, "
+                f"got {self.photodna_max_distance!r}"
+            )
+
+    @property
+    def lookup_defaults(self) -> LookupDefaults:
+        """What a lookup query gets when it does not say (served in ``GET /v1/hub`` ``defaults``)."""
+        return LookupDefaults(photodna_max_distance=self.photodna_max_distance)
 
     @property
     def burst(self) -> int:

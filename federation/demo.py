@@ -34,7 +34,8 @@ from .envelope import Addition, Grant, OpinionItem, Removal
 from .hub import create_app, open_node
 from .keys import KeyFormatError, SignerKey, VerifierKey, load_signer_file, write_signer_file
 from .merkle import ProofError, verify_consistency, verify_inclusion
-from .signals import PDQ, PDQ_DEFAULT_MAX_DISTANCE
+from .signals import PDQ
+from .signals.pdq import DEFAULT_MAX_DISTANCE as PDQ_DEFAULT_MAX_DISTANCE
 
 DEFAULT_KEYS = Path("keys/demo")
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .envelope import Addition, Limits
-from .signals import MD5, SignalError, SignalType, check_quality, signal_type
+from .signals import SignalError, SignalType, guess_type, signal_type
 
 LABEL_SEPARATOR = re.compile(r"[;|]")
 MAX_REPORTED_PROBLEMS = 20
@@ -84,8 +84,9 @@ def parse_hash(
     text = text.strip()
     type_name = explicit_type.strip().lower() if explicit_type and explicit_type.strip() else None
     for separator in (":", ","):
-        if separator in text:
-            prefix, _, rest = text.partition(separator)
+        prefix, found, rest = text.partition(separator)
+        # A PhotoDNA hash written as numbers has commas of its own: only a word is a type.
+        if found and prefix.strip()[:1].isalpha():
             if type_name is not None:
                 raise SignalError(f"{text!r}: the type is given twice (in the type column and the hash)")
             type_name, text = prefix.strip().lower(), rest.strip()
@@ -96,15 +97,13 @@ def parse_hash(
         type_name = default_type
     if type_name is not None:
         signal = signal_type(type_name)
-    elif len(text) == MD5.hex_length:
-        signal = MD5
     elif len(text) == 64:
         raise SignalError(_ambiguous(", or add a type column to a CSV"))
     else:
-        raise SignalError(
-            f"cannot tell the signal type of a {len(text)}-character hash "
-            "(md5 has 32 hex digits, pdq and sha256 have 64): check the hash, or give its type"
-        )
+        try:
+            signal = guess_type(text)
+        except SignalError as exc:
+            raise SignalError(f"{exc}: check the hash, or give its type") from None
     return signal, signal.parse(text)
 
 
@@ -138,7 +137,7 @@ class HashCollector:
         try:
             signal, value = parse_hash(text, self.default_type, type_name)
             item_labels = set(split_labels(labels)) | self.labels
-            score = check_quality(signal, _integer(quality)) if quality.strip() else None
+            score = signal.parse_extras({"quality": _integer(quality)}, value)[0] if quality.strip() else None
             key = (signal.name, value)
             old_labels, old_quality = self._items.get(key, (set(), None))
             merged = old_labels | item_labels

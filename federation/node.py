@@ -31,7 +31,7 @@ from .envelope import (
 from .index.budget import MatchBudget
 from .index.live import IndexCatalog
 from .keys import SignerKey, VerifierKey, check_collection_name
-from .signals import SignalType
+from .signals import Query
 from .state import LogContext, Refusal, apply_entry, check_entry, check_first_entry, check_signer
 from .store.base import CollectionTxn, EntryRecord, HubStore, SourceRecord, StoreError
 
@@ -86,6 +86,8 @@ class Match:
     first_index: int
     positive: int
     negative: int
+    fields: tuple[tuple[str, float], ...] = ()
+    """Answer fields a signal type adds (a video's match percentages), in order."""
 
 
 class Node:
@@ -355,50 +357,48 @@ class Node:
     def lookup(
         self,
         collections: Sequence[str],
-        queries: Sequence[tuple[SignalType, str]],
-        max_distance: int,
+        queries: Sequence[Query],
         budget: MatchBudget | None = None,
     ) -> list[list[Match]]:
         """One list of matches per query, sorted by distance, over the given collections.
 
-        With a ``budget``, each query keeps only the nearest matches it allows
+        Each query carries its own resolved ``max_distance``. With a
+        ``budget``, each query keeps only the nearest matches it allows
         (across all collections), and ``budget.truncated`` names the queries cut.
         """
         results: list[list[Match]] = [[] for _ in queries]
         by_signal: dict[str, list[int]] = {}
-        for position, (signal, _) in enumerate(queries):
-            by_signal.setdefault(signal.name, []).append(position)
-        signals = {signal.name: signal for signal, _ in queries}
+        for position, query in enumerate(queries):
+            by_signal.setdefault(query.signal.name, []).append(position)
         cut: set[int] = set()
         for collection in collections:
             for name, positions in by_signal.items():
-                signal = signals[name]
+                signal = queries[positions[0]].signal
                 part = budget.subset(positions) if budget is not None else None
-                hits = self.indexes.search(
-                    collection, signal, [queries[p][1] for p in positions], max_distance, part
-                )
+                hits = self.indexes.search(collection, signal, [queries[p] for p in positions], part)
                 if part is not None:
                     cut.update(positions[offset] for offset in part.truncated)
-                found = {hash_hex for per_query in hits for hash_hex, _ in per_query}
+                found = {hit.hash for per_query in hits for hit in per_query}
                 if not found:
                     continue
                 details = self.store.details(collection, name, sorted(found))
                 for position, per_query in zip(positions, hits, strict=True):
-                    for hash_hex, distance in per_query:
-                        detail = details.get(hash_hex)
+                    for hit in per_query:
+                        detail = details.get(hit.hash)
                         if detail is None:  # removed after the index answered
                             continue
                         results[position].append(
                             Match(
                                 collection,
                                 name,
-                                hash_hex,
-                                distance,
+                                hit.hash,
+                                hit.distance,
                                 detail.submitters,
                                 detail.labels,
                                 detail.first_index,
                                 detail.positive,
                                 detail.negative,
+                                hit.fields,
                             )
                         )
         for matches in results:

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .keys import KEY_ID_PATTERN, KeyFormatError, VerifierKey, check_name
-from .signals import SignalError, check_quality, signal_type
+from .signals import Frame, SignalError, signal_type
 from .strictjson import EnvelopeError, compact_json, exact_keys, strict_json
 
 BATCH_TYPE = "application/vnd.hashfed.batch+json"
@@ -54,6 +54,8 @@ class Addition:
     hash: str
     labels: tuple[str, ...] = ()
     quality: int | None = None
+    frames: tuple[Frame, ...] | None = None
+    """A video's frames (vpdq); its ``hash`` is computed from them."""
 
 
 @dataclass(frozen=True)
@@ -173,7 +175,7 @@ def _check_unique(keys: list[tuple[str, str]], where: str) -> None:
 
 
 def _parse_addition(item: Any, where: str, limits: Limits) -> Addition:
-    exact_keys(item, where, required=("type", "hash"), optional=("labels", "quality"))
+    exact_keys(item, where, required=("type", "hash"), optional=("labels", "quality", "frames"))
     signal, value = _signal_and_hash(item, where)
     labels_value = item.get("labels", [])
     if not isinstance(labels_value, list):
@@ -184,13 +186,11 @@ def _parse_addition(item: Any, where: str, limits: Limits) -> Addition:
         _string(label, f"{where}.labels[{n}]", limits.max_label_length)
         for n, label in enumerate(labels_value)
     ]
-    quality = None
-    if "quality" in item:
-        try:
-            quality = check_quality(signal_type(signal), item["quality"])
-        except SignalError as exc:
-            raise EnvelopeError(f"{where}: {exc}") from exc
-    return Addition(signal, value, tuple(sorted(set(labels))), quality)
+    try:
+        quality, frames = signal_type(signal).parse_extras(item, value)
+    except SignalError as exc:
+        raise EnvelopeError(f"{where}: {exc}") from exc
+    return Addition(signal, value, tuple(sorted(set(labels))), quality, frames)
 
 
 def _parse_batch(obj: Any, limits: Limits) -> BatchPayload:
@@ -323,6 +323,8 @@ def batch_payload(
         out: dict[str, Any] = {"type": item.signal, "hash": item.hash, "labels": list(item.labels)}
         if item.quality is not None:
             out["quality"] = item.quality
+        if item.frames is not None:
+            out["frames"] = [frame_json(frame) for frame in item.frames]
         return out
 
     return _document(
@@ -333,6 +335,23 @@ def batch_payload(
             "remove": [{"type": item.signal, "hash": item.hash} for item in remove],
         },
     )
+
+
+def query_json(item: Addition, max_distance: int | None = None) -> dict[str, Any]:
+    """A lookup query object for a hash read from a file (a video's query carries its frames)."""
+    out: dict[str, Any] = {"type": item.signal, "hash": item.hash}
+    if item.frames is not None:
+        out["frames"] = [frame_json(frame) for frame in item.frames]
+    if max_distance is not None:
+        out["max_distance"] = max_distance
+    return out
+
+
+def frame_json(frame: Frame) -> dict[str, Any]:
+    out: dict[str, Any] = {"pdq": frame.pdq, "quality": frame.quality}
+    if frame.time is not None:
+        out["time"] = frame.time
+    return out
 
 
 def opinion_payload(

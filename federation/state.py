@@ -25,6 +25,7 @@ from .envelope import (
     Payload,
 )
 from .keys import VerifierKey
+from .signals import signal_type
 
 
 class Refusal(Exception):
@@ -93,6 +94,7 @@ class Projection(Protocol):
         index: int,
     ) -> None: ...
     def delete_listing(self, signal: str, hash_hex: str, member: str) -> None: ...
+    def put_content(self, signal: str, hash_hex: str, content: bytes) -> None: ...
     def put_opinion(
         self, signal: str, hash_hex: str, member: str, verdict: str, note: str | None, index: int
     ) -> None: ...
@@ -233,6 +235,11 @@ def apply_entry(index: int, signer: str, payload: Payload, view: Projection) -> 
     elif isinstance(payload, BatchPayload):
         for addition in payload.add:
             newly_listed = view.listers(addition.signal, addition.hash) == 0
+            signal = signal_type(addition.signal)
+            if signal.has_content and newly_listed:
+                content = signal.content(addition.quality, addition.frames)
+                if content is not None:
+                    view.put_content(addition.signal, addition.hash, content)
             view.put_listing(
                 addition.signal,
                 addition.hash,

@@ -25,6 +25,7 @@ from federation.envelope import (
     BATCH_TYPE,
     MEMBERSHIP_TYPE,
     OPINION_TYPE,
+    Addition,
     Envelope,
     compact_json,
     sign_envelope,
@@ -32,6 +33,9 @@ from federation.envelope import (
 )
 from federation.httpsig import sign_request
 from federation.keys import SignerKey, VerifierKey
+from federation.node import Match, Node
+from federation.signals import Frame, Query, SignalType, signal_type
+from federation.signals.vpdq import identity as video_identity
 
 FEDERATION = "testfed"
 COLLECTION = "main"
@@ -362,3 +366,18 @@ async def open_hub(
     hub = Hub(str(server.make_url("")), federation.data, federation.hub, federation.members, clients, session)
     await wait_ready(hub)
     return hub
+
+
+def node_lookup(
+    node: Node, collections: Sequence[str], pairs: Sequence[tuple[SignalType, str]], max_distance: int
+) -> list[list[Match]]:
+    """``Node.lookup`` for (type, hash) pairs all asking ``max_distance`` (ignored by exact types)."""
+    return node.lookup(collections, [Query(s, h, 0 if s.exact else max_distance) for s, h in pairs])
+
+
+def random_addition(kind: str, rng: random.Random, labels: tuple[str, ...] = ()) -> Addition:
+    """A valid item of any signal type with random content (a video gets 1-4 good frames)."""
+    if kind == "vpdq":
+        frames = tuple(Frame(rng.randbytes(32).hex(), rng.randint(50, 100)) for _ in range(rng.randint(1, 4)))
+        return Addition(kind, video_identity(frames), labels, frames=frames)
+    return Addition(kind, rng.randbytes(signal_type(kind).byte_length).hex(), labels)

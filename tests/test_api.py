@@ -118,14 +118,28 @@ async def test_hub_info(hub: Hub) -> None:
     reply = await hub.call("GET", "/v1/hub")
     assert reply.status == 200
     info = reply.json()
-    assert set(info) == {"name", "key", "federation", "collections", "signal_types", "version", "limits"}
+    assert set(info) == {
+        "name",
+        "key",
+        "federation",
+        "collections",
+        "signal_types",
+        "version",
+        "limits",
+        "defaults",
+    }
     assert info["limits"] == {"max_matches_per_query": 10_000, "max_matches_per_answer": 100_000}
+    assert info["defaults"] == {
+        "pdq": 31,
+        "photodna": 30_000,
+        "vpdq": {"max_distance": 31, "min_query_match_percent": 80, "min_compared_match_percent": 0},
+    }
     assert info["name"] == HUB_NAME
     assert info["federation"] == FEDERATION
     key = VerifierKey.parse(info["key"])
     assert key == hub.hub_key
     assert info["collections"] == [COLLECTION]
-    assert sorted(info["signal_types"]) == sorted(SIGNAL_TYPES) == ["md5", "pdq", "sha256"]
+    assert info["signal_types"] == list(SIGNAL_TYPES) == ["pdq", "md5", "sha256", "sha1", "photodna", "vpdq"]
     assert isinstance(info["version"], str) and info["version"]
 
 

@@ -8,28 +8,26 @@ from collections.abc import Sequence
 
 import pytest
 
-from federation.hub.batching import LookupBatcher, Query
+from federation.hub.batching import LookupBatcher
 from federation.index.budget import MatchBudget
 from federation.node import Match
-from federation.signals import PDQ
+from federation.signals import PDQ, Query
 
 
-def _echo(
-    collections: Sequence[str], queries: Sequence[Query], max_distance: int, budget: MatchBudget
-) -> list[list[Match]]:
+def _echo(collections: Sequence[str], queries: Sequence[Query], budget: MatchBudget) -> list[list[Match]]:
     """A stand-in search: one match per query, carrying the query's own hash back."""
     time.sleep(0.01)  # long enough for others to queue behind a running search
-    return [[Match(collections[0], "pdq", h, max_distance, (), (), 0, 0, 0)] for _, h in queries]
+    return [[Match(collections[0], "pdq", q.hash, q.max_distance, (), (), 0, 0, 0)] for q in queries]
 
 
 def _three_each(
-    collections: Sequence[str], queries: Sequence[Query], max_distance: int, budget: MatchBudget
+    collections: Sequence[str], queries: Sequence[Query], budget: MatchBudget
 ) -> list[list[Match]]:
     """A stand-in search that finds three matches for every query, within the budget it is given."""
     time.sleep(0.01)
     return [
         [Match("main", "pdq", h, d, (), (), 0, 0, 0) for d in range(budget.take(position, 3))]
-        for position, (_, h) in enumerate(queries)
+        for position, h in enumerate(q.hash for q in queries)
     ]
 
 
@@ -38,7 +36,7 @@ def test_each_request_in_a_batch_keeps_its_own_match_bounds() -> None:
     answers: dict[int, object] = {}
 
     def ask(n: int) -> None:
-        answers[n] = batcher.lookup(["main"], [(PDQ, f"{n:064x}")] * 4, 31)
+        answers[n] = batcher.lookup(["main"], [Query(PDQ, f"{n:064x}", 31)] * 4)
 
     threads = [threading.Thread(target=ask, args=(n,)) for n in range(20)]
     for thread in threads:
@@ -57,8 +55,9 @@ def test_concurrent_requests_share_searches_and_get_their_own_answers() -> None:
     answers: dict[int, list[list[Match]]] = {}
 
     def ask(n: int) -> None:
-        queries = [(PDQ, f"{n:064x}"), (PDQ, f"{n + 1000:064x}")]
-        answers[n] = batcher.lookup(["main"], queries, 31 if n % 2 else 20).results
+        distance = 31 if n % 2 else 20
+        queries = [Query(PDQ, f"{n:064x}", distance), Query(PDQ, f"{n + 1000:064x}", distance)]
+        answers[n] = batcher.lookup(["main"], queries).results
 
     threads = [threading.Thread(target=ask, args=(n,)) for n in range(40)]
     for thread in threads:
@@ -76,14 +75,14 @@ def test_a_lone_request_runs_at_once_and_large_ones_go_alone() -> None:
     calls: list[int] = []
 
     def search(
-        collections: Sequence[str], queries: Sequence[Query], max_distance: int, budget: MatchBudget
+        collections: Sequence[str], queries: Sequence[Query], budget: MatchBudget
     ) -> list[list[Match]]:
         calls.append(len(queries))
         return [[] for _ in queries]
 
     batcher = LookupBatcher(search, max_combined=10)
-    assert batcher.lookup(["main"], [(PDQ, "0" * 64)], 31).results == [[]]
-    assert batcher.lookup(["main"], [(PDQ, "0" * 64)] * 12, 31).results == [[]] * 12
+    assert batcher.lookup(["main"], [Query(PDQ, "0" * 64, 31)]).results == [[]]
+    assert batcher.lookup(["main"], [Query(PDQ, "0" * 64, 31)] * 12).results == [[]] * 12
     assert calls == [1, 12]
 
 
@@ -92,7 +91,7 @@ def test_a_failed_search_fails_every_request_in_its_batch_and_the_next_ones_stil
     failing.set()
 
     def search(
-        collections: Sequence[str], queries: Sequence[Query], max_distance: int, budget: MatchBudget
+        collections: Sequence[str], queries: Sequence[Query], budget: MatchBudget
     ) -> list[list[Match]]:
         if failing.is_set():
             raise RuntimeError("index unavailable")
@@ -100,6 +99,6 @@ def test_a_failed_search_fails_every_request_in_its_batch_and_the_next_ones_stil
 
     batcher = LookupBatcher(search)
     with pytest.raises(RuntimeError, match="index unavailable"):
-        batcher.lookup(["main"], [(PDQ, "0" * 64)], 31)
+        batcher.lookup(["main"], [Query(PDQ, "0" * 64, 31)])
     failing.clear()
-    assert batcher.lookup(["main"], [(PDQ, "0" * 64)], 31).results == [[]]
+    assert batcher.lookup(["main"], [Query(PDQ, "0" * 64, 31)]).results == [[]]

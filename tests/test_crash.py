@@ -46,7 +46,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,8 +82,10 @@ from federation.index.live import IndexCatalog, SnapshotFiles
 from federation.index.segmented import DEFAULT_FRESH_LIMIT
 from federation.keys import SignerKey, VerifierKey
 from federation.node import Node
-from federation.signals import PDQ, SIGNAL_TYPES
+from federation.payloads import query_json
+from federation.signals import PDQ, SIGNAL_TYPES, Frame, Query
 from federation.store.sqlite import SqliteStore
+from tests.helpers import node_lookup, random_addition
 
 REPO = Path(__file__).resolve().parents[1]
 FEDERATION = "crashfed"
@@ -426,7 +428,7 @@ def check_snapshot(data: DataDir, collection: str = COLLECTION) -> str:
         for path in data.index_dir.glob("*.pdq.*"):
             if not path.name.endswith(".tmp"):
                 shutil.copy2(path, Path(scratch) / path.name)
-        loaded = SnapshotFiles(Path(scratch)).load(collection)
+        loaded = SnapshotFiles(Path(scratch)).load(collection, PDQ.name, 32)
     if loaded is None:
         return "none"
     position, codes = loaded
@@ -481,8 +483,10 @@ def check_index(data: DataDir, scratch: Path, collection: str = COLLECTION) -> N
             hashes = by_type[name]
             for start in range(0, len(hashes), 20_000):
                 chunk = hashes[start : start + 20_000]
-                found = catalog.search(collection, signal_type, chunk, 0)
-                missed = [h for h, matches in zip(chunk, found, strict=True) if matches != [(h, 0)]]
+                found = catalog.search(collection, signal_type, [Query(signal_type, h, 0) for h in chunk])
+                missed = [
+                    h for h, matches in zip(chunk, found, strict=True) if [m[:2] for m in matches] != [(h, 0)]
+                ]
                 assert not missed, (
                     f"the rebuilt {name} index misses {len(missed)} listed hashes: {missed[:2]}"
                 )
@@ -547,12 +551,23 @@ def expected_lookup(projection: Projection) -> dict[tuple[str, str], dict[str, A
     return answers
 
 
-async def check_lookups(client: HubClient, projection: Projection, asked: list[tuple[str, str]]) -> None:
-    """Lookups at distance 0 answer every asked hash exactly as the projection lists it (or not at all)."""
+async def check_lookups(
+    client: HubClient,
+    projection: Projection,
+    asked: list[tuple[str, str]],
+    frames: Mapping[str, tuple[Frame, ...]] | None = None,
+) -> None:
+    """Lookups at distance 0 answer every asked hash exactly as the projection lists it (or not at all).
+
+    A video is asked with its own frames (``frames``), so it finds itself among any others.
+    """
     answers = expected_lookup(projection)
     for start in range(0, len(asked), 10_000):
         chunk = asked[start : start + 10_000]
-        results = await client.lookup(chunk, max_distance=0, collections=[COLLECTION])
+        queries = [
+            query_json(Addition(kind, value, frames=(frames or {}).get(value))) for kind, value in chunk
+        ]
+        results = await client.lookup(queries, max_distance=0, collections=[COLLECTION])
         for (kind, value), matches in zip(chunk, results, strict=True):
             exact = [m for m in matches if m["hash"] == value and m["type"] == kind]
             want = answers.get((kind, value))
@@ -980,6 +995,8 @@ class World:
         self.extras: list[VerifierKey] = []
         self.made = 0
         self.removed: list[tuple[str, str]] = []
+        self.frames: dict[str, tuple[Frame, ...]] = {}
+        """Frames of every video added, to add one again after its removal."""
         self.expected: Projection = {}
 
     def node(self) -> Node:
@@ -1045,12 +1062,15 @@ class World:
         for _ in range(rng.randint(*sizes)):
             kind = rng.choice(list(SIGNAL_TYPES))
             labels = tuple(rng.sample(["a", "b", "c"], rng.randint(0, 2)))
-            add.append(Addition(kind, rng.randbytes(16 if kind == "md5" else 32).hex(), labels))
+            item = random_addition(kind, rng, labels)
+            if item.frames is not None:
+                self.frames[item.hash] = item.frames
+            add.append(item)
         readd = [
             self.removed.pop(rng.randrange(len(self.removed)))
             for _ in range(min(len(self.removed), rng.randint(0, 3)))
         ]
-        add += [Addition(kind, value, ("again",)) for kind, value in readd]
+        add += [Addition(kind, value, ("again",), frames=self.frames.get(value)) for kind, value in readd]
         listed = conn.execute(
             "SELECT type, hash FROM listings WHERE collection = ? AND member = ? ORDER BY random() LIMIT ?",
             (COLLECTION, member, rng.randint(0, 12)),
@@ -1187,13 +1207,13 @@ async def test_sigkill_during_startup_load(tmp_path: Path) -> None:
             leftovers = sorted(
                 f"{path.name} ({path.stat().st_size:,} bytes)"
                 for path in data.index_dir.iterdir()
-                if path.name not in {f"{COLLECTION}.pdq.npy", f"{COLLECTION}.pdq.json"}
+                if not path.name.startswith(f"{COLLECTION}.") or path.suffix not in (".npy", ".json")
             )
             listed = sorted({(kind, value) for kind, value, _ in world.expected["listings"]})
             removed = sorted(set(world.removed) - set(listed))[:2_000]
             client = HubClient(hub.url, world.reader, retries=0, timeout=120)
             try:
-                await check_lookups(client, world.expected, listed + removed)
+                await check_lookups(client, world.expected, listed + removed, world.frames)
             finally:
                 await client.close()
             async with session.get(f"{hub.url}/v1/collections/{COLLECTION}/checkpoint") as response:
@@ -1396,7 +1416,7 @@ def test_an_older_snapshot_written_late_never_pairs_with_a_newer_position(
 
     reopened = open_node(world.data)
     reopened.load()
-    answers = reopened.lookup([COLLECTION], [(PDQ, kept), (PDQ, dropped)], 0)
+    answers = node_lookup(reopened, [COLLECTION], [(PDQ, kept), (PDQ, dropped)], 0)
     reopened.store.close()
     print(f"the slow first write ended with {failures!r}")
     assert [[m.hash for m in matches] for matches in answers] == [[kept], []], (

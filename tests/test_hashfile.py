@@ -117,7 +117,7 @@ def test_csv_problems_name_the_file_line_including_after_multiline_fields(tmp_pa
 def test_quality_must_be_a_number_and_only_for_pdq() -> None:
     with pytest.raises(HashFileError, match="<text>:2: quality 'high' is not a whole number"):
         read_text(f"hash,type,quality\n{PDQ_HASH},pdq,high\n")
-    with pytest.raises(HashFileError, match="<text>:2: quality applies to pdq hashes only"):
+    with pytest.raises(HashFileError, match="<text>:2: quality does not apply to md5 hashes"):
         read_text(f"hash,quality\n{MD5_HASH},80\n")
 
 
@@ -142,7 +142,7 @@ def test_bad_label_on_the_command_line_is_refused_before_reading() -> None:
     with pytest.raises(SignalError, match="longer than 128"):
         HashCollector(labels=["x" * 129])
     with pytest.raises(SignalError, match="unknown signal type"):
-        HashCollector(default_type="sha1")
+        HashCollector(default_type="sha3")
 
 
 def test_file_with_bom_and_crlf_line_endings(tmp_path: Path) -> None:

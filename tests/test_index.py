@@ -11,10 +11,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from federation.index import ExactIndex, FaissBinaryIndex, SearchIndex, new_index
+from federation.index import ExactIndex, FaissBinaryIndex, SearchIndex
 from federation.index.budget import MatchBudget
-from federation.index.segmented import SegmentedPdqIndex, merge_sorted, sorted_unique
-from federation.signals import MD5, PDQ, SHA256, SignalError
+from federation.index.segmented import SegmentedIndex, merge_sorted, sorted_unique
+from federation.index.videos import VideoIndex
+from federation.signals import MD5, PDQ, PHOTODNA, SHA1, SHA256, VPDQ, SignalError
 
 # PDQ hashes of the bridge test image and its seven dihedral variants, as published
 # with the PDQ reference implementation.
@@ -187,10 +188,10 @@ def test_remove_readd_and_compaction() -> None:
 
 
 def test_empty_index_and_empty_queries() -> None:
-    for index in (new_index(PDQ), new_index(SHA256), new_index(MD5)):
+    for index in (PDQ.new_index(), SHA256.new_index(), MD5.new_index()):
         assert len(index) == 0
         assert index.search([], 31) == []
-    pdq = new_index(PDQ)
+    pdq = PDQ.new_index()
     assert pdq.search(["00" * 32, "ff" * 32], 63) == [[], []]
     pdq.add([])
     pdq.remove([])
@@ -218,15 +219,13 @@ def test_malformed_hashes_refused(bad: str) -> None:
     assert bad not in index
 
 
-def test_new_index_picks_engine() -> None:
-    assert isinstance(new_index(PDQ), SegmentedPdqIndex)
-    assert isinstance(new_index(MD5), ExactIndex)
-    assert isinstance(new_index(SHA256), ExactIndex)
-    assert new_index(SHA256).signal is SHA256
-    with pytest.raises(ValueError):
-        FaissBinaryIndex(MD5)
-    with pytest.raises(ValueError):
-        ExactIndex(PDQ)
+def test_each_signal_type_picks_its_engine() -> None:
+    assert isinstance(PDQ.new_index(), SegmentedIndex)
+    assert isinstance(PHOTODNA.new_index(), SegmentedIndex)
+    assert isinstance(VPDQ.new_index(), VideoIndex)
+    for exact in (MD5, SHA1, SHA256):
+        assert isinstance(exact.new_index(), ExactIndex)
+        assert exact.new_index().signal is exact
 
 
 # --- PDQ reference hashes ---------------------------------------------------------------
@@ -270,7 +269,7 @@ def test_reference_variants_pairwise(max_distance: int) -> None:
 
 
 def test_exact_index_hits_misses_remove() -> None:
-    index = new_index(SHA256)
+    index = SHA256.new_index()
     a, b, c = "aa" * 32, "bb" * 32, "cc" * 32
     index.add([a, b, a])
     assert len(index) == 2
@@ -284,7 +283,7 @@ def test_exact_index_hits_misses_remove() -> None:
     assert len(index) == 1
     assert index.search([a, b], 0) == [[], [(b, 0)]]
 
-    md5 = new_index(MD5)
+    md5 = MD5.new_index()
     md5.add(["d41d8cd98f00b204e9800998ecf8427e"])
     assert md5.search(["d41d8cd98f00b204e9800998ecf8427e"], 0) == [[("d41d8cd98f00b204e9800998ecf8427e", 0)]]
     with pytest.raises(SignalError):
@@ -306,7 +305,7 @@ def test_concurrent_add_remove_search_never_sees_half_a_batch() -> None:
         center: [center] + [flip(center, set(rng.sample(range(256), 5))) for _ in range(7)]
         for center in centers
     }
-    index: SearchIndex = new_index(PDQ)
+    index: SearchIndex = PDQ.new_index()
     errors: list[BaseException] = []
     stop = threading.Event()
 
@@ -352,7 +351,7 @@ def test_concurrent_add_remove_search_never_sees_half_a_batch() -> None:
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scenarios(), st.integers(1, 8))
 def test_segmented_search_equals_brute_force_across_merges(scenario: Scenario, fresh_limit: int) -> None:
-    index = SegmentedPdqIndex(PDQ, fresh_limit=fresh_limit, background_merge=False)
+    index = SegmentedIndex.binary(PDQ, fresh_limit=fresh_limit, background_merge=False)
     present: set[str] = set()
     queries = scenario.centers + scenario.pool
     for kind, picks in scenario.ops:
@@ -394,7 +393,7 @@ def test_bounded_search_equals_brute_force_cut_to_the_bounds(
     scenario: Scenario, fresh_limit: int, per_query: int, per_answer: int, requests: int
 ) -> None:
     """Match bounds cut inside each segment give exactly the complete answer, cut afterwards."""
-    index = SegmentedPdqIndex(PDQ, fresh_limit=fresh_limit, background_merge=False)
+    index = SegmentedIndex.binary(PDQ, fresh_limit=fresh_limit, background_merge=False)
     present: set[str] = set()
     queries = (scenario.centers + scenario.pool) * 2  # repeated queries spend the budget twice
     answers = [position * requests // len(queries) for position in range(len(queries))]
@@ -413,7 +412,7 @@ def test_segmented_updates_during_a_background_merge_are_kept() -> None:
     rng = random.Random(5)
     first = [f"{rng.getrandbits(256):064x}" for _ in range(3000)]
     later = [f"{rng.getrandbits(256):064x}" for _ in range(500)]
-    index = SegmentedPdqIndex(PDQ, fresh_limit=10**9)
+    index = SegmentedIndex.binary(PDQ, fresh_limit=10**9)
     index.add(first)
     index.merge(wait=False)  # builds in the background while we keep changing things
     index.add(later)
@@ -432,7 +431,7 @@ def test_segmented_index_starts_from_codes_and_removes_from_the_large_segment() 
     rng = random.Random(8)
     hashes = sorted({f"{rng.getrandbits(256):064x}" for _ in range(2000)})
     codes = np.frombuffer(bytes.fromhex("".join(hashes)), dtype=np.uint8).reshape(-1, 32)
-    index = SegmentedPdqIndex(PDQ, codes)
+    index = SegmentedIndex.binary(PDQ, codes)
     assert len(index) == 2000
     index.remove(hashes[:5])
     assert all(h not in index for h in hashes[:5])

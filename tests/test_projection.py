@@ -8,7 +8,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import FEDERATION, batch_doc, envelope, flip, item, md5, membership_doc, opinion_doc, pdq, sha256
+from helpers import (
+    FEDERATION,
+    batch_doc,
+    envelope,
+    flip,
+    item,
+    md5,
+    membership_doc,
+    node_lookup,
+    opinion_doc,
+    pdq,
+    sha256,
+)
 
 from federation.checkpoint import open_note
 from federation.envelope import Envelope, Grant, parse_payload
@@ -377,7 +389,9 @@ def _populate(world: World) -> list[tuple[Any, str]]:
 
 def _answers(node: Node, queries: list[tuple[Any, str]]) -> list[list[Match]]:
     return (
-        node.lookup([MAIN], queries, 63) + node.lookup([MAIN], queries, 31) + node.lookup([MAIN], queries, 0)
+        node_lookup(node, [MAIN], queries, 63)
+        + node_lookup(node, [MAIN], queries, 31)
+        + node_lookup(node, [MAIN], queries, 0)
     )
 
 
@@ -403,7 +417,7 @@ def test_restart_gives_the_same_answers(world: World) -> None:
     world.refused("acme2", batch_doc("acme", [item("pdq", pdq(41))]), 403, "revoked-key")
     world.refused("acme", batch_doc("acme", remove=[("pdq", flip(pdq(40), 4, offset=12))]), 422, "not-listed")
     world.submit("acme", batch_doc("acme", [item("pdq", pdq(41))]))
-    [[match]] = node.lookup([MAIN], [(PDQ, pdq(41))], 0)
+    [[match]] = node_lookup(node, [MAIN], [(PDQ, pdq(41))], 0)
     assert match.submitters == ("acme",)
 
 

@@ -16,6 +16,7 @@ from federation.node import Node
 from federation.signals import MD5, PDQ
 from federation.store.base import StoreError
 from tests.conftest import Federation
+from tests.helpers import node_lookup
 
 BRIDGE = "f8f8f0cce0f4e84d0e370a22028f67f0b36e2ed596623e1d33e6339c4e9c9b22"
 ROTATED = "b0a10efd71cc3f429413d48d0ffffe12e34e0e17ada952a9d29684210aa9e5af"
@@ -26,7 +27,7 @@ def _snapshot(node: Node) -> tuple[object, ...]:
     queries = [(PDQ, BRIDGE), (PDQ, ROTATED), (MD5, MD5_HASH)]
     return (
         node.store.keys("main"),
-        node.lookup(["main"], queries, 31),
+        node_lookup(node, ["main"], queries, 31),
         node.store.log_size("main"),
         node.checkpoint("main").split("\n")[:3],
     )

@@ -9,7 +9,7 @@ from federation.hub import open_node
 from federation.node import Node
 from federation.signals import MD5, PDQ
 from tests.conftest import Federation
-from tests.helpers import batch_doc, envelope, flip, item, md5, pdq
+from tests.helpers import batch_doc, envelope, flip, item, md5, node_lookup, pdq
 
 
 def _submit(
@@ -20,7 +20,7 @@ def _submit(
 
 
 def _answers(node: Node, hashes: list[str]) -> list[list[tuple[str, int]]]:
-    results = node.lookup(["main"], [(PDQ, h) for h in hashes], 31)
+    results = node_lookup(node, ["main"], [(PDQ, h) for h in hashes], 31)
     return [[(m.hash, m.distance) for m in matches] for matches in results]
 
 
@@ -55,7 +55,7 @@ def test_restart_loads_the_snapshot_and_replays_the_tail(
     assert PDQ.name not in asked and None not in asked  # PDQ came from the snapshot
     assert reopened.indexes.size("main")["pdq"] == 200 - 10 + 20
     assert _answers(reopened, probes) == expected
-    assert [m.hash for m in reopened.lookup(["main"], [(MD5, md5(1))], 0)[0]] == [md5(1)]
+    assert [m.hash for m in node_lookup(reopened, ["main"], [(MD5, md5(1))], 0)[0]] == [md5(1)]
     assert snapshot_position < reopened.store.log_size("main")
     reopened.store.close()
 

@@ -1,6 +1,6 @@
 """Micro-batching of concurrent lookups: many small requests, one index search.
 
-Requests for the same collections and distance that arrive while a search
+Requests for the same collections that arrive while a search
 for them is running wait, and the next search answers all of them at once
 (the way a database commits a group of transactions together). A request that
 finds nothing running starts at once, so a lone request never waits for
@@ -19,11 +19,10 @@ from dataclasses import dataclass, field
 
 from ..index.budget import DEFAULT_MAX_MATCHES_PER_ANSWER, DEFAULT_MAX_MATCHES_PER_QUERY, MatchBudget
 from ..node import Match
-from ..signals import SignalType
+from ..signals import Query
 
-Query = tuple[SignalType, str]
-Search = Callable[[Sequence[str], Sequence[Query], int, MatchBudget], list[list[Match]]]
-GroupKey = tuple[tuple[str, ...], int]
+Search = Callable[[Sequence[str], Sequence[Query], MatchBudget], list[list[Match]]]
+GroupKey = tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -70,13 +69,13 @@ class LookupBatcher:
         self.searches = 0
         self.requests = 0
 
-    def lookup(self, collections: Sequence[str], queries: Sequence[Query], max_distance: int) -> Answer:
+    def lookup(self, collections: Sequence[str], queries: Sequence[Query]) -> Answer:
         """Answer one lookup, possibly together with others that arrive meanwhile."""
         if len(queries) >= self.max_combined:
             budget = MatchBudget(self.max_matches_per_query, self.max_matches_per_answer)
-            results = self._search(collections, queries, max_distance, budget)
+            results = self._search(collections, queries, budget)
             return Answer(results, frozenset(budget.truncated))
-        key = (tuple(collections), max_distance)
+        key = tuple(collections)
         request = _Request(queries)
         with self._lock:
             self.requests += 1
@@ -91,7 +90,7 @@ class LookupBatcher:
             request.done.clear()
         with self._lock:
             batch = self._take(key)
-        self._run(collections, max_distance, batch)
+        self._run(collections, batch)
         with self._lock:
             waiting = self._pending.get(key)
             if waiting:
@@ -113,12 +112,12 @@ class LookupBatcher:
             batch.append(waiting.pop(0))
         return batch
 
-    def _run(self, collections: Sequence[str], max_distance: int, batch: list[_Request]) -> None:
+    def _run(self, collections: Sequence[str], batch: list[_Request]) -> None:
         combined = [query for request in batch for query in request.queries]
         answers = [number for number, request in enumerate(batch) for _ in request.queries]
         budget = MatchBudget(self.max_matches_per_query, self.max_matches_per_answer, answers)
         try:
-            results = self._search(collections, combined, max_distance, budget)
+            results = self._search(collections, combined, budget)
         except BaseException as exc:
             for request in batch:
                 request.error = exc

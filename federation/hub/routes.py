@@ -14,13 +14,15 @@ from ..envelope import Envelope, EnvelopeError, strict_json
 from ..merkle import ProofError
 from ..node import Accepted, NoCheckpointYet, UnknownCollection
 from ..signals import (
-    PDQ_DEFAULT_MAX_DISTANCE,
-    PDQ_MAX_DISTANCE_LIMIT,
     SIGNAL_TYPES,
+    DistanceError,
+    LookupDefaults,
+    Query,
+    QueryShapeError,
     SignalError,
-    SignalType,
-    signal_type,
+    parse_query,
 )
+from ..signals.pdq import MAX_DISTANCE_LIMIT as REQUEST_MAX_DISTANCE_LIMIT
 from ..state import Refusal
 from ..sync.wire import match_json, source_json
 from .app import RUNTIME, HubRuntime
@@ -115,6 +117,11 @@ async def hub_info(request: web.Request) -> web.Response:
             "collections": collections,
             "signal_types": list(SIGNAL_TYPES),
             "version": __version__,
+            "defaults": {
+                name: value
+                for name, signal in SIGNAL_TYPES.items()
+                if (value := signal.default_json(runtime.config.lookup_defaults)) is not None
+            },
             "limits": {
                 "max_matches_per_query": runtime.config.max_matches_per_query,
                 "max_matches_per_answer": runtime.config.max_matches_per_answer,
@@ -262,7 +269,10 @@ async def consistency_proof(request: web.Request) -> web.Response:
     return web.json_response({"hashes": [base64.b64encode(h).decode() for h in hashes]})
 
 
-def _parse_lookup(obj: Any, max_queries: int) -> tuple[list[tuple[SignalType, str]], int, list[str] | None]:
+def _parse_lookup(
+    obj: Any, max_queries: int, defaults: LookupDefaults
+) -> tuple[list[Query], list[str] | None]:
+    """The queries of a lookup body, each resolved by its signal type, and the collections asked for."""
     if not isinstance(obj, dict):
         raise Problem(400, "invalid-lookup", "lookup body must be a JSON object with a queries list")
     unknown = sorted(set(obj) - {"queries", "max_distance", "collections"})
@@ -277,36 +287,33 @@ def _parse_lookup(obj: Any, max_queries: int) -> tuple[list[tuple[SignalType, st
             "too-many-queries",
             f"lookup has {len(queries_value)} queries; at most {max_queries} are allowed per request, split it",
         )
-    queries: list[tuple[SignalType, str]] = []
-    for position, query in enumerate(queries_value):
-        if not isinstance(query, dict) or set(query) != {"type", "hash"}:
-            raise Problem(
-                400,
-                "invalid-lookup",
-                f"queries[{position}] must be an object with exactly type and hash",
-            )
-        try:
-            signal = signal_type(query["type"])
-            queries.append((signal, signal.parse(query["hash"])))
-        except SignalError as exc:
-            raise Problem(400, "invalid-hash", f"queries[{position}]: {exc}") from exc
-    max_distance = obj.get("max_distance", PDQ_DEFAULT_MAX_DISTANCE)
-    if (
+    max_distance = obj.get("max_distance")
+    if "max_distance" in obj and (
         isinstance(max_distance, bool)
         or not isinstance(max_distance, int)
-        or not 0 <= max_distance <= PDQ_MAX_DISTANCE_LIMIT
+        or not 0 <= max_distance <= REQUEST_MAX_DISTANCE_LIMIT
     ):
         raise Problem(
             400,
             "invalid-max-distance",
-            f"max_distance must be an integer from 0 to {PDQ_MAX_DISTANCE_LIMIT}, got {max_distance!r}",
+            f"max_distance must be an integer from 0 to {REQUEST_MAX_DISTANCE_LIMIT}, got {max_distance!r}",
         )
+    queries: list[Query] = []
+    for position, query in enumerate(queries_value):
+        try:
+            queries.append(parse_query(query, max_distance, defaults))
+        except DistanceError as exc:
+            raise Problem(400, "invalid-max-distance", f"queries[{position}]: {exc}") from exc
+        except QueryShapeError as exc:
+            raise Problem(400, "invalid-lookup", f"queries[{position}]: {exc}") from exc
+        except SignalError as exc:
+            raise Problem(400, "invalid-hash", f"queries[{position}]: {exc}") from exc
     collections = obj.get("collections")
     if collections is not None and (
         not isinstance(collections, list) or not all(isinstance(c, str) for c in collections)
     ):
         raise Problem(400, "invalid-lookup", "collections must be a list of collection names")
-    return queries, max_distance, collections
+    return queries, collections
 
 
 async def lookup(request: web.Request) -> web.Response:
@@ -323,7 +330,9 @@ async def lookup(request: web.Request) -> web.Response:
 def _answer_lookup(runtime: HubRuntime, signed: SignedRequest, body: bytes) -> bytes:
     node = runtime.node
     caller = authenticate(node, runtime.guard, signed, body)
-    queries, max_distance, asked = _parse_lookup(_json_body(body, "lookup body"), runtime.config.max_queries)
+    queries, asked = _parse_lookup(
+        _json_body(body, "lookup body"), runtime.config.max_queries, runtime.config.lookup_defaults
+    )
     existing = node.collections()
     sources = node.sources()
     # Mirrored collections (from peers) are searched too; their matches say which hub they come from.
@@ -344,7 +353,7 @@ def _answer_lookup(runtime: HubRuntime, signed: SignedRequest, body: bytes) -> b
                 caller.require(name, "read")
         collections = list(dict.fromkeys(asked))
     assert runtime.batcher is not None
-    answer = runtime.batcher.lookup(collections, queries, max_distance)
+    answer = runtime.batcher.lookup(collections, queries)
     results: list[dict[str, Any]] = []
     for position, matches in enumerate(answer.results):
         result: dict[str, Any] = {"matches": [match_json(m, sources.get(m.collection)) for m in matches]}

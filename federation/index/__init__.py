@@ -5,7 +5,6 @@ from federation.index.engines import (
     FaissBinaryIndex,
     Match,
     SearchIndex,
-    new_index,
 )
 
-__all__ = ["ExactIndex", "FaissBinaryIndex", "Match", "SearchIndex", "new_index"]
+__all__ = ["ExactIndex", "FaissBinaryIndex", "Match", "SearchIndex"]

@@ -1,10 +1,15 @@
-"""Search engines behind lookups (design §2, §4).
+"""Search engines behind lookups (design §2, §4, §4.1).
 
 An index holds the current hashes of one signal type in one collection and
-answers batched lookups. PDQ hashes go into a FAISS binary flat index searched
-by Hamming radius; MD5 and SHA-256 only ever match exactly, so a set suffices.
+answers batched lookups. Which engine serves which type is the signal type's
+choice (:mod:`federation.signals`); the engines know only fixed-width codes:
 
-Both engines are called from worker threads, never from the event loop. Each
+* :class:`FaissBinaryIndex`: Hamming radius over binary codes (PDQ), FAISS flat.
+* :class:`FlatL2Index`: squared Euclidean radius over byte vectors (PhotoDNA),
+  FAISS flat in float32 for candidates, re-ranked exactly in integers.
+* :class:`ExactIndex`: identity, for cryptographic hashes.
+
+Every engine is called from worker threads, never from the event loop. Each
 holds a lock so a search never sees a half-applied add or remove.
 """
 
@@ -12,13 +17,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import faiss
 import numpy as np
 import numpy.typing as npt
 
-from federation.signals import PDQ, SignalError, SignalType
+from federation.signals.base import SignalError
 
 from .budget import MatchBudget
 
@@ -31,8 +36,21 @@ COMPACT_MIN_DELETED = 1024
 _INITIAL_CAPACITY = 64
 
 
+class CodeFormat(Protocol):
+    """What an engine needs to know of a signal type: its name and the width of its codes."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def hex_length(self) -> int: ...
+    @property
+    def byte_length(self) -> int: ...
+    @property
+    def bits(self) -> int: ...
+
+
 class SearchIndex(Protocol):
-    signal: SignalType
+    signal: CodeFormat
 
     def add(self, hashes: Sequence[str]) -> None:
         """Add normalised hex hashes; a hash already present is ignored."""
@@ -58,16 +76,7 @@ class SearchIndex(Protocol):
     def __contains__(self, hash_hex: object) -> bool: ...
 
 
-def new_index(signal: SignalType) -> SearchIndex:
-    """The engine suited to a signal type: segmented MIH + FAISS for PDQ, a set for exact."""
-    if signal.exact:
-        return ExactIndex(signal)
-    from .segmented import SegmentedPdqIndex
-
-    return SegmentedPdqIndex(signal)
-
-
-def decode_hashes(signal: SignalType, hashes: Sequence[str]) -> bytes:
+def decode_hashes(signal: CodeFormat, hashes: Sequence[str]) -> bytes:
     """Concatenated raw bytes of a batch of hex hashes, decoded in one call.
 
     Lengths are checked first so that one malformed hash cannot shift the
@@ -85,48 +94,57 @@ def decode_hashes(signal: SignalType, hashes: Sequence[str]) -> bytes:
     return raw
 
 
-def _key(signal: SignalType, hash_hex: object) -> bytes | None:
+def _key(signal: CodeFormat, hash_hex: object) -> bytes | None:
     """Raw bytes of one hash, or None when it is not a valid hash of this type."""
     try:
-        return bytes.fromhex(signal.parse(hash_hex))
+        return decode_hashes(signal, [hash_hex.lower()]) if isinstance(hash_hex, str) else None
     except SignalError:
         return None
 
 
-def check_max_distance(signal: SignalType, max_distance: int) -> None:
-    if (
-        isinstance(max_distance, bool)
-        or not isinstance(max_distance, int)
-        or not 0 <= max_distance <= signal.bits
-    ):
-        raise ValueError(f"max_distance must be an integer from 0 to {signal.bits}")
+def check_max_distance(limit: int, max_distance: int) -> None:
+    if isinstance(max_distance, bool) or not isinstance(max_distance, int) or not 0 <= max_distance <= limit:
+        raise ValueError(f"max_distance must be an integer from 0 to {limit}")
 
 
-class FaissBinaryIndex:
-    """Hamming-radius search over fixed-width binary codes (PDQ).
+class _FlatFaissIndex:
+    """A FAISS flat index of fixed-width codes that takes adds and removes at once.
 
-    FAISS assigns ids sequentially and ``IndexBinaryFlat`` cannot drop a code
+    FAISS assigns ids sequentially and a flat index cannot drop a code
     cheaply, so removal only sets a bit in a deletion bitmap that searches
     filter on. Once deleted ids outnumber live ones (and at least
     ``compact_min`` are deleted), the index is rebuilt from the live codes.
-    A copy of every stored code is kept beside FAISS to rebuild from and to
-    turn ids back into hex.
+    A copy of every stored code is kept beside FAISS to rebuild from, to
+    re-rank against and to turn ids back into hex. Subclasses choose the
+    FAISS index and how its range search becomes exact distances.
     """
 
-    def __init__(self, signal: SignalType = PDQ, *, compact_min: int = COMPACT_MIN_DELETED) -> None:
-        if signal.exact or signal.bits % 8:
-            raise ValueError(f"{signal.name} is not a binary perceptual signal type")
+    distance_limit: int
+
+    def __init__(self, signal: CodeFormat, *, compact_min: int = COMPACT_MIN_DELETED) -> None:
         if compact_min < 0:
             raise ValueError("compact_min must not be negative")
         self.signal = signal
         self._compact_min = compact_min
         self._lock = threading.Lock()
         self._width = signal.byte_length
-        self._faiss = faiss.IndexBinaryFlat(signal.bits)
+        self._faiss = self._new_faiss()
         self._codes: Codes = np.zeros((_INITIAL_CAPACITY, self._width), dtype=np.uint8)
         self._deleted = np.zeros(_INITIAL_CAPACITY, dtype=np.bool_)
         self._stored = 0
         self._ids: dict[bytes, int] = {}
+
+    def _new_faiss(self) -> Any:
+        raise NotImplementedError
+
+    def _faiss_add(self, index: Any, codes: Codes) -> None:
+        index.add(codes)
+
+    def _within(
+        self, batch: Codes, max_distance: int
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """``(lims, distances, ids)`` of every stored id within ``max_distance`` (lock held)."""
+        raise NotImplementedError
 
     @property
     def stored(self) -> int:
@@ -151,7 +169,7 @@ class FaissBinaryIndex:
             self._reserve(end)
             self._codes[start:end] = new_codes
             self._deleted[start:end] = False
-            self._faiss.add(new_codes)
+            self._faiss_add(self._faiss, new_codes)
             self._ids.update(zip(fresh, range(start, end), strict=True))
             self._stored = end
 
@@ -170,7 +188,7 @@ class FaissBinaryIndex:
     def search(
         self, queries: Sequence[str], max_distance: int, budget: MatchBudget | None = None
     ) -> list[list[Match]]:
-        check_max_distance(self.signal, max_distance)
+        check_max_distance(self.distance_limit, max_distance)
         raw = decode_hashes(self.signal, queries)
         if not queries:
             return []
@@ -178,13 +196,11 @@ class FaissBinaryIndex:
         with self._lock:
             if not self._ids:
                 return [[] for _ in queries]
-            # FAISS keeps a binary hit only when distance < radius (strict; checked
-            # empirically against faiss-cpu 1.15), so ask for one more bit.
-            lims, distances, labels = self._faiss.range_search(batch, max_distance + 1)
+            lims, distances, labels = self._within(batch, max_distance)
             live = ~self._deleted[labels]
             found = self._codes[labels[live]]
-        kept = np.concatenate(([0], np.cumsum(live))).astype(np.int64)[lims.astype(np.int64)]
-        dists = distances[live].astype(np.int64)
+        kept = np.concatenate(([0], np.cumsum(live))).astype(np.int64)[lims]
+        dists = distances[live]
         results: list[list[Match]] = []
         for query in range(len(queries)):
             lo, hi = int(kept[query]), int(kept[query + 1])
@@ -232,9 +248,9 @@ class FaissBinaryIndex:
         capacity = max(_INITIAL_CAPACITY, 2 * len(live))
         codes: Codes = np.zeros((capacity, self._width), dtype=np.uint8)
         codes[: len(live)] = self._codes[live]
-        rebuilt = faiss.IndexBinaryFlat(self.signal.bits)
+        rebuilt = self._new_faiss()
         if len(live):
-            rebuilt.add(codes[: len(live)])
+            self._faiss_add(rebuilt, codes[: len(live)])
         keys = list(self._ids)
         old = np.fromiter(self._ids.values(), dtype=np.int64, count=len(keys))
         self._ids = dict(zip(keys, renumber[old].tolist(), strict=True))
@@ -244,12 +260,76 @@ class FaissBinaryIndex:
         self._stored = len(live)
 
 
-class ExactIndex:
-    """Identity matching for cryptographic hashes (MD5, SHA-256)."""
+class FaissBinaryIndex(_FlatFaissIndex):
+    """Hamming-radius search over fixed-width binary codes (PDQ frames and images)."""
 
-    def __init__(self, signal: SignalType) -> None:
-        if not signal.exact:
-            raise ValueError(f"{signal.name} is not an exact-match signal type")
+    def __init__(self, signal: CodeFormat, *, compact_min: int = COMPACT_MIN_DELETED) -> None:
+        if signal.bits % 8:
+            raise ValueError(f"{signal.name} codes are not whole bytes")
+        self.distance_limit = signal.bits
+        super().__init__(signal, compact_min=compact_min)
+
+    def _new_faiss(self) -> Any:
+        return faiss.IndexBinaryFlat(self.signal.bits)
+
+    def _within(
+        self, batch: Codes, max_distance: int
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        # FAISS keeps a binary hit only when distance < radius (strict; checked
+        # empirically against faiss-cpu 1.15), so ask for one more bit.
+        lims, distances, labels = self._faiss.range_search(batch, max_distance + 1)
+        return lims.astype(np.int64), distances.astype(np.int64), labels.astype(np.int64)
+
+
+L2_MARGIN = 64.0
+"""Extra radius asked of FAISS so float rounding never drops a true hit (they are re-ranked exactly).
+
+Byte vectors of 144 dimensions have integer squared distances up to
+9,363,600; FAISS's batched path computes ``|x|^2 + |y|^2 - 2 x.y`` in float32,
+whose rounding at sums up to 18.7 million is a few units at most."""
+
+
+def squared_distances(queries: Codes, codes: Codes) -> npt.NDArray[np.int64]:
+    """Exact squared Euclidean distance of each row of ``queries`` to the row of ``codes`` beside it."""
+    difference = queries.astype(np.int32) - codes.astype(np.int32)
+    distances: npt.NDArray[np.int64] = np.einsum("ij,ij->i", difference, difference).astype(np.int64)
+    return distances
+
+
+class FlatL2Index(_FlatFaissIndex):
+    """Squared Euclidean radius over byte vectors (PhotoDNA), exact.
+
+    FAISS's float32 flat index finds candidates within the radius plus
+    :data:`L2_MARGIN`; each candidate's distance is then recomputed in
+    integers and kept only when within the radius.
+    """
+
+    def __init__(self, signal: CodeFormat, *, compact_min: int = COMPACT_MIN_DELETED) -> None:
+        self.distance_limit = signal.byte_length * 255 * 255
+        super().__init__(signal, compact_min=compact_min)
+
+    def _new_faiss(self) -> Any:
+        return faiss.IndexFlatL2(self._width)
+
+    def _faiss_add(self, index: Any, codes: Codes) -> None:
+        index.add(codes.astype(np.float32))
+
+    def _within(
+        self, batch: Codes, max_distance: int
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        lims, _, labels = self._faiss.range_search(batch.astype(np.float32), max_distance + L2_MARGIN)
+        lims, labels = lims.astype(np.int64), labels.astype(np.int64)
+        owners = np.repeat(np.arange(len(batch)), np.diff(lims))
+        exact = squared_distances(batch[owners], self._codes[labels])
+        keep = exact <= max_distance
+        counts = np.bincount(owners[keep], minlength=len(batch))
+        return np.concatenate(([0], np.cumsum(counts))).astype(np.int64), exact[keep], labels[keep]
+
+
+class ExactIndex:
+    """Identity matching for cryptographic hashes (MD5, SHA-1, SHA-256)."""
+
+    def __init__(self, signal: CodeFormat) -> None:
         self.signal = signal
         self._lock = threading.Lock()
         self._present: set[bytes] = set()

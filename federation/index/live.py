@@ -8,10 +8,12 @@ then. Ingest calls it before acknowledging, so an acknowledged hash is
 searchable; lookups call it too, so entries written by another process (a CLI
 command, another replica) become visible without a restart.
 
-Snapshots make restarts fast: the live PDQ codes of a collection are saved
-with the log position they reflect (after each merge of the large segment,
-after a build from the store, and on shutdown). A restart loads the snapshot
-and replays only the listing changes recorded since that position.
+Snapshots make restarts fast: for each signal type whose index is an array
+of codes (PDQ, PhotoDNA; see ``SignalType.snapshot_width``), the live codes of
+a collection are saved with the log position they reflect (after each merge
+of the large segment, after a build from the store, and on shutdown). A
+restart loads the snapshots and replays only the listing changes recorded
+since the oldest of their positions. Other types are built from the store.
 """
 
 from __future__ import annotations
@@ -29,11 +31,11 @@ from urllib.parse import quote
 
 import numpy as np
 
-from ..signals import PDQ, SIGNAL_TYPES, SignalType
+from ..signals import SIGNAL_TYPES, Hit, Query, SignalType
 from ..store.base import HubStore
 from .budget import MatchBudget
-from .engines import SearchIndex, new_index
-from .segmented import Codes, SegmentedPdqIndex
+from .engines import SearchIndex
+from .segmented import Codes, SegmentedIndex
 
 SNAPSHOT_FORMAT = 1
 EXTERNAL_POLL_SECONDS = 0.1
@@ -52,7 +54,7 @@ class _CollectionIndexes:
 
 
 class SnapshotFiles:
-    """``<dir>/<collection>.pdq.npy`` (the live codes) and ``.json`` (their position and checksum).
+    """``<dir>/<collection>.<type>.npy`` (the live codes) and ``.json`` (their position and checksum).
 
     Each file is written to a temporary name and renamed into place. The
     metadata carries a SHA-256 of the codes, so a crash between the two
@@ -66,9 +68,9 @@ class SnapshotFiles:
         self.directory = directory
         self._lock = threading.Lock()
 
-    def _paths(self, collection: str) -> tuple[Path, Path]:
-        stem = quote(collection, safe="")
-        return self.directory / f"{stem}.pdq.npy", self.directory / f"{stem}.pdq.json"
+    def _paths(self, collection: str, signal: str) -> tuple[Path, Path]:
+        stem = f"{quote(collection, safe='')}.{signal}"
+        return self.directory / f"{stem}.npy", self.directory / f"{stem}.json"
 
     def _meta(self, path: Path) -> dict[str, object] | None:
         try:
@@ -77,8 +79,8 @@ class SnapshotFiles:
             return None
         return meta if isinstance(meta, dict) else None
 
-    def save(self, collection: str, position: int, codes: Codes) -> None:
-        codes_path, meta_path = self._paths(collection)
+    def save(self, collection: str, signal: str, position: int, codes: Codes) -> None:
+        codes_path, meta_path = self._paths(collection, signal)
         self.directory.mkdir(parents=True, exist_ok=True)
         codes = np.ascontiguousarray(codes)
         meta = {
@@ -110,14 +112,14 @@ class SnapshotFiles:
             codes_tmp.unlink(missing_ok=True)
             meta_tmp.unlink(missing_ok=True)
 
-    def load(self, collection: str) -> tuple[int, Codes] | None:
-        """The snapshot of a collection, or None if there is none or it is unusable.
+    def load(self, collection: str, signal: str, width: int) -> tuple[int, Codes] | None:
+        """The snapshot of a collection's codes of one type, or None if there is none or it is unusable.
 
         Loading happens before this process can be saving the same collection,
         so temporary files left by a save that was killed are removed here.
         """
-        codes_path, meta_path = self._paths(collection)
-        for stale in self.directory.glob(f"{quote(collection, safe='')}.pdq.*.tmp"):
+        codes_path, meta_path = self._paths(collection, signal)
+        for stale in self.directory.glob(f"{quote(collection, safe='')}.{signal}.*.tmp"):
             stale.unlink(missing_ok=True)
         meta = self._meta(meta_path)
         if meta is None:
@@ -133,7 +135,7 @@ class SnapshotFiles:
             or not isinstance(position, int)
             or codes.dtype != np.uint8
             or codes.ndim != 2
-            or codes.shape[1] != 32
+            or codes.shape[1] != width
             or len(codes) != meta.get("count")
             or hashlib.sha256(np.ascontiguousarray(codes).data).hexdigest() != meta.get("sha256")
         ):
@@ -151,50 +153,59 @@ class IndexCatalog:
         self._lock = threading.Lock()
 
     def _build(self, collection: str) -> _CollectionIndexes:
-        snapshot = self._snapshots.load(collection) if self._snapshots else None
+        """Each type's index from its snapshot where one is usable, else from the listed hashes.
+
+        The indexes may then reflect different log positions; replaying the
+        changes since the oldest of them onto all is harmless: each change
+        sets a hash's presence outright, so the last change per hash, which
+        a newer index already reflects, wins.
+        """
         size = self._store.log_size(collection)
-        if snapshot is not None and snapshot[0] <= size:
-            position, codes = snapshot
-            by_signal: dict[str, SearchIndex] = {PDQ.name: self._pdq_index(collection, codes)}
-            for name, signal in SIGNAL_TYPES.items():
-                if signal is not PDQ:
-                    by_signal[name] = self._exact_index(signal, collection)
-            built = _CollectionIndexes(position, by_signal)
-            self._apply_changes(collection, built)
-            return built
-        listed, position = self._store.listed(collection)
-        grouped: dict[str, list[str]] = {name: [] for name in SIGNAL_TYPES}
-        for signal_name, hash_hex in listed:
-            grouped[signal_name].append(hash_hex)
-        raw = bytes.fromhex("".join(grouped[PDQ.name]))
-        codes = np.frombuffer(raw, dtype=np.uint8).reshape(-1, 32)
-        by_signal = {PDQ.name: self._pdq_index(collection, codes)}
-        for name, signal in SIGNAL_TYPES.items():
-            if signal is not PDQ:
-                index = new_index(signal)
-                index.add(grouped[name])
-                by_signal[name] = index
-        built = _CollectionIndexes(position, by_signal)
-        if self._snapshots is not None and len(codes):
-            self._snapshots.save(collection, position, codes)
+        by_signal: dict[str, SearchIndex] = {}
+        positions: list[int] = []
+        built_from_store: list[SignalType] = []
+        for signal in SIGNAL_TYPES.values():
+            snapshot = self._load(collection, signal)
+            if snapshot is not None and snapshot[0] <= size:
+                position, codes = snapshot
+                by_signal[signal.name] = self._new_index(collection, signal, codes)
+            else:
+                listed, position = self._store.listed(collection, signal.name)
+                index = by_signal[signal.name] = self._new_index(collection, signal)
+                self._add(collection, signal, index, [hash_hex for _, hash_hex in listed])
+                built_from_store.append(signal)
+            positions.append(position)
+        built = _CollectionIndexes(min(positions), by_signal)
+        self._apply_changes(collection, built)
+        for signal in built_from_store:
+            index = by_signal[signal.name]
+            if self._snapshots is not None and signal.snapshot_width and len(index):
+                assert isinstance(index, SegmentedIndex)
+                self._snapshots.save(collection, signal.name, built.position, index.live_codes())
         return built
 
-    def _exact_index(self, signal: SignalType, collection: str) -> SearchIndex:
-        """Exact-type hashes as listed now (they are not in the PDQ snapshot).
+    def _load(self, collection: str, signal: SignalType) -> tuple[int, Codes] | None:
+        if self._snapshots is None or signal.snapshot_width is None:
+            return None
+        return self._snapshots.load(collection, signal.name, signal.snapshot_width)
 
-        Replaying the changes since the snapshot's older position onto this
-        newer state is harmless: each change sets a hash's presence outright,
-        so the last change per hash, which the state already reflects, wins.
-        """
-        index = new_index(signal)
-        listed, _ = self._store.listed(collection, signal.name)
-        index.add([hash_hex for _, hash_hex in listed])
+    def _new_index(self, collection: str, signal: SignalType, codes: Codes | None = None) -> SearchIndex:
+        index = signal.new_index(codes)
+        if isinstance(index, SegmentedIndex) and signal.snapshot_width:
+            index.on_merged = lambda: self._snapshot_in_background(collection)
         return index
 
-    def _pdq_index(self, collection: str, codes: Codes) -> SegmentedPdqIndex:
-        index = SegmentedPdqIndex(PDQ, codes)
-        index.on_merged = lambda: self._snapshot_in_background(collection)
-        return index
+    def _add(self, collection: str, signal: SignalType, index: SearchIndex, hashes: list[str]) -> None:
+        """Add listed hashes, with the content their type keeps beside them (a video's frames)."""
+        if not hashes:
+            return
+        if not signal.has_content:
+            index.add(hashes)
+            return
+        contents = self._store.contents(collection, signal.name, hashes)
+        present = [hash_hex for hash_hex in hashes if hash_hex in contents]
+        # A hash without content was listed and later unlisted; a later change removes it anyway.
+        index.add(present, [contents[hash_hex] for hash_hex in present])  # type: ignore[call-arg]
 
     def _apply_changes(self, collection: str, current: _CollectionIndexes) -> None:
         """Apply the listing changes since ``current.position`` (lock held)."""
@@ -206,7 +217,7 @@ class IndexCatalog:
             if following is None or (following.signal, following.listed) != (change.signal, change.listed):
                 index = current.by_signal[change.signal]
                 if change.listed:
-                    index.add(run)
+                    self._add(collection, SIGNAL_TYPES[change.signal], index, run)
                 else:
                     index.remove(run)
                 run = []
@@ -224,17 +235,21 @@ class IndexCatalog:
             return current.position
 
     def snapshot(self, collection: str) -> None:
-        """Save the collection's PDQ codes with the log position they reflect."""
+        """Save the collection's codes, of each type that keeps them, with the log position they reflect."""
         if self._snapshots is None:
             return
         with self._lock:
             current = self._collections.get(collection)
             if current is None:
                 return
-            index = current.by_signal[PDQ.name]
-            assert isinstance(index, SegmentedPdqIndex)
-            position, codes = current.position, index.live_codes()
-        self._snapshots.save(collection, position, codes)
+            saved = [
+                (name, index.live_codes())
+                for name, index in current.by_signal.items()
+                if isinstance(index, SegmentedIndex) and SIGNAL_TYPES[name].snapshot_width
+            ]
+            position = current.position
+        for name, codes in saved:
+            self._snapshots.save(collection, name, position, codes)
 
     def snapshot_all(self) -> None:
         with self._lock:
@@ -264,10 +279,9 @@ class IndexCatalog:
         self,
         collection: str,
         signal: SignalType,
-        queries: Sequence[str],
-        max_distance: int,
+        queries: Sequence[Query],
         budget: MatchBudget | None = None,
-    ) -> list[list[tuple[str, int]]]:
+    ) -> list[list[Hit]]:
         now = time.monotonic()
         stale = now - self._checked.get(collection, -1.0) >= EXTERNAL_POLL_SECONDS
         if stale or collection not in self._collections:
@@ -275,7 +289,7 @@ class IndexCatalog:
             self._checked[collection] = now
         with self._lock:
             index = self._collections[collection].by_signal[signal.name]
-        return index.search(queries, max_distance, budget)
+        return signal.search(index, queries, budget)
 
     def size(self, collection: str) -> dict[str, int]:
         with self._lock:

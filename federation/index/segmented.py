@@ -1,8 +1,10 @@
-"""The PDQ index at scale: a large immutable segment, a fresh segment, a deletion bitmap.
+"""An index at scale: a large immutable segment, a fresh segment, a deletion bitmap.
 
-* The **large segment** is a :class:`~federation.index.mih.MihIndex` over the
-  codes sorted as bytes, so the row of a hash is found by binary search and
-  no per-hash Python object is kept (10 million hashes cost arrays, not dicts).
+* The **large segment** is an exact engine built once over the codes sorted
+  as bytes (:class:`~federation.index.mih.MihIndex` for PDQ,
+  :class:`~federation.index.pruned.PrunedL2Index` for PhotoDNA), so the row
+  of a hash is found by binary search and no per-hash Python object is kept
+  (10 million hashes cost arrays, not dicts).
 * The **fresh segment** is a FAISS flat index that takes new hashes at once.
 * The **deletion bitmap** hides removed rows of the large segment; a removed
   hash that is added again is simply un-hidden.
@@ -19,13 +21,13 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 
-from ..signals import PDQ, SignalType
 from .budget import MatchBudget
-from .engines import FaissBinaryIndex, Match, check_max_distance, decode_hashes
+from .engines import CodeFormat, FaissBinaryIndex, FlatL2Index, Match, check_max_distance, decode_hashes
 from .mih import MihIndex
 
 Codes = npt.NDArray[np.uint8]
@@ -33,25 +35,54 @@ DEFAULT_FRESH_LIMIT = 32_768
 """Hashes the fresh (flat, linearly scanned) segment takes before a merge starts."""
 
 
-def _as_rows(raw: bytes) -> Codes:
-    return np.frombuffer(raw, dtype=np.uint8).reshape(-1, 32)
+class FreshEngine(Protocol):
+    def add(self, hashes: Sequence[str]) -> None: ...
+    def remove(self, hashes: Sequence[str]) -> None: ...
+    def search(
+        self, queries: Sequence[str], max_distance: int, budget: MatchBudget | None = None
+    ) -> list[list[Match]]: ...
+    def codes(self) -> Codes: ...
+    def __len__(self) -> int: ...
+    def __contains__(self, hash_hex: object) -> bool: ...
 
 
-def sorted_unique(codes: Codes) -> Codes:
+class LargeEngine(Protocol):
+    """An immutable exact engine over sorted codes; results are ``(rows, distances)`` by (distance, row)."""
+
+    @property
+    def nbytes(self) -> int: ...
+
+    def search(
+        self,
+        queries: Codes,
+        max_distance: int,
+        deleted: npt.NDArray[np.bool_] | None = None,
+        *,
+        budget: MatchBudget | None = None,
+    ) -> list[tuple[npt.NDArray[np.int64], npt.NDArray[np.int32]]]: ...
+
+
+def _as_rows(raw: bytes, width: int) -> Codes:
+    return np.frombuffer(raw, dtype=np.uint8).reshape(-1, width)
+
+
+def sorted_unique(codes: Codes, width: int | None = None) -> Codes:
     """Codes sorted as byte strings, without duplicates (the large segment's order)."""
+    width = codes.shape[1] if width is None else width
     if len(codes) == 0:
-        return np.empty((0, 32), dtype=np.uint8)
-    keys = np.unique(np.ascontiguousarray(codes).view("V32").ravel())
-    return keys.view(np.uint8).reshape(-1, 32)
+        return np.empty((0, width), dtype=np.uint8)
+    keys = np.unique(np.ascontiguousarray(codes).view(f"V{width}").ravel())
+    return keys.view(np.uint8).reshape(-1, width)
 
 
 def merge_sorted(ordered: Codes, others: Codes) -> Codes:
     """``ordered`` (sorted, unique) with ``others`` added, sorted and unique, in one new array."""
-    extra = sorted_unique(others)
+    width = ordered.shape[1]
+    extra = sorted_unique(others, width)
     if len(extra) == 0:
         return ordered
-    keys = ordered.view("V32").ravel()
-    extra_keys = extra.view("V32").ravel()
+    keys = ordered.view(f"V{width}").ravel()
+    extra_keys = extra.view(f"V{width}").ravel()
     positions = np.searchsorted(keys, extra_keys)
     inside = positions < len(keys)
     already = np.zeros(len(extra), dtype=np.bool_)
@@ -63,34 +94,39 @@ def merge_sorted(ordered: Codes, others: Codes) -> Codes:
 class _Large:
     codes: Codes
     keys: npt.NDArray[np.void]
-    index: MihIndex | None
+    index: LargeEngine | None
 
     @classmethod
-    def build(cls, codes: Codes) -> _Large:
-        return cls.from_sorted(sorted_unique(codes))
-
-    @classmethod
-    def from_sorted(cls, ordered: Codes) -> _Large:
+    def from_sorted(cls, ordered: Codes, engine: Callable[[Codes], LargeEngine]) -> _Large:
         """A segment over codes already sorted as bytes and unique."""
-        return cls(ordered, ordered.view("V32").ravel(), MihIndex(ordered) if len(ordered) else None)
+        width = ordered.shape[1]
+        return cls(ordered, ordered.view(f"V{width}").ravel(), engine(ordered) if len(ordered) else None)
 
     def rows(self, codes: Codes) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.bool_]]:
         """Row of each code in the segment, and whether it is there at all."""
         if len(self.keys) == 0:
             return np.zeros(len(codes), dtype=np.intp), np.zeros(len(codes), dtype=np.bool_)
-        wanted = np.ascontiguousarray(codes).view("V32").ravel()
+        wanted = np.ascontiguousarray(codes).view(self.keys.dtype).ravel()
         rows = np.minimum(np.searchsorted(self.keys, wanted), len(self.keys) - 1)
         return rows, self.keys[rows] == wanted
 
 
-class SegmentedPdqIndex:
-    """A :class:`~federation.index.engines.SearchIndex` for PDQ built to hold millions of hashes."""
+class SegmentedIndex:
+    """A :class:`~federation.index.engines.SearchIndex` built to hold millions of hashes.
+
+    ``fresh`` makes the fresh segment's engine, ``large`` builds the large
+    segment's over sorted codes; :meth:`binary` and :meth:`l2` are the two
+    pairings the signal types use.
+    """
 
     def __init__(
         self,
-        signal: SignalType = PDQ,
+        signal: CodeFormat,
         codes: Codes | None = None,
         *,
+        fresh: Callable[[CodeFormat], FreshEngine],
+        large: Callable[[Codes], LargeEngine],
+        distance_limit: int,
         fresh_limit: int = DEFAULT_FRESH_LIMIT,
         background_merge: bool = True,
         on_merged: Callable[[], None] | None = None,
@@ -99,11 +135,18 @@ class SegmentedPdqIndex:
         self.fresh_limit = fresh_limit
         self.background_merge = background_merge
         self.on_merged = on_merged
+        self.distance_limit = distance_limit
+        self._width = signal.byte_length
+        self._new_fresh = fresh
+        self._new_large = large
         self._lock = threading.Lock()
-        self._large = _Large.build(codes if codes is not None else np.empty((0, 32), np.uint8))
+        empty = np.empty((0, self._width), np.uint8)
+        self._large = _Large.from_sorted(
+            sorted_unique(codes if codes is not None else empty, self._width), large
+        )
         self._deleted = np.zeros(len(self._large.codes), dtype=np.bool_)
         self._hidden = 0
-        self._fresh = FaissBinaryIndex(signal)
+        self._fresh = fresh(signal)
         self._pending: list[tuple[bool, bytes]] | None = None
         self._merger: threading.Thread | None = None
         self.merges = 0
@@ -129,7 +172,7 @@ class SegmentedPdqIndex:
 
     def _apply(self, listed: bool, raw: bytes) -> None:
         """Add or remove raw codes (the lock is held)."""
-        codes = _as_rows(raw)
+        codes = _as_rows(raw, self._width)
         rows, present = self._large.rows(codes)
         hits = rows[present]
         changing = np.unique(hits[self._deleted[hits] == listed])
@@ -173,14 +216,14 @@ class SegmentedPdqIndex:
         kept, fresh = parts.pop()
         codes = merge_sorted(kept, fresh)
         del kept, fresh
-        large = _Large.from_sorted(codes)
+        large = _Large.from_sorted(codes, self._new_large)
         del codes
         with self._lock:
             pending = self._pending or []
             self._large = large
             self._deleted = np.zeros(len(large.codes), dtype=np.bool_)
             self._hidden = 0
-            self._fresh = FaissBinaryIndex(self.signal)
+            self._fresh = self._new_fresh(self.signal)
             for listed, raw in pending:
                 self._apply(listed, raw)
             self._pending = None
@@ -203,7 +246,7 @@ class SegmentedPdqIndex:
     def search(
         self, queries: Sequence[str], max_distance: int, budget: MatchBudget | None = None
     ) -> list[list[Match]]:
-        check_max_distance(self.signal, max_distance)
+        check_max_distance(self.distance_limit, max_distance)
         raw = decode_hashes(self.signal, queries)
         # Each segment keeps what the merged answer may need (see budget.py).
         fresh_budget = budget.fork() if budget is not None else None
@@ -216,7 +259,7 @@ class SegmentedPdqIndex:
             results = self._fresh.search(queries, max_distance, fresh_budget)
         if large.index is not None and queries:
             found = large.index.search(
-                _as_rows(raw), max_distance, deleted if hidden else None, budget=large_budget
+                _as_rows(raw, self._width), max_distance, deleted if hidden else None, budget=large_budget
             )
             for matches, (rows, distances) in zip(results, found, strict=True):
                 if len(rows) == 0:
@@ -238,7 +281,7 @@ class SegmentedPdqIndex:
         except (ValueError, TypeError):
             return False
         with self._lock:
-            rows, present = self._large.rows(_as_rows(raw))
+            rows, present = self._large.rows(_as_rows(raw, self._width))
             if present[0]:
                 return not bool(self._deleted[rows[0]])
             return hash_hex in self._fresh
@@ -250,3 +293,31 @@ class SegmentedPdqIndex:
             if self._large.index is not None:
                 return self._large.index.nbytes + self._deleted.nbytes
             return self._large.codes.nbytes + self._deleted.nbytes
+
+    # ---- the two pairings the signal types use ----------------------------
+
+    @classmethod
+    def binary(cls, signal: CodeFormat, codes: Codes | None = None, **options: object) -> SegmentedIndex:
+        """Hamming radius: FAISS binary flat for fresh codes, multi-index hashing for the large segment."""
+        return cls(
+            signal,
+            codes,
+            fresh=FaissBinaryIndex,
+            large=MihIndex,
+            distance_limit=signal.bits,
+            **options,  # type: ignore[arg-type]
+        )
+
+    @classmethod
+    def l2(cls, signal: CodeFormat, codes: Codes | None = None, **options: object) -> SegmentedIndex:
+        """Squared Euclidean radius: FAISS float flat (re-ranked) for fresh codes, a pruned exact search for the large."""
+        from .pruned import PrunedL2Index
+
+        return cls(
+            signal,
+            codes,
+            fresh=FlatL2Index,
+            large=PrunedL2Index,
+            distance_limit=signal.byte_length * 255 * 255,
+            **options,  # type: ignore[arg-type]
+        )

@@ -204,6 +204,13 @@ class SqliteTxn:
             (self._collection, signal, hash_hex, member),
         )
 
+    def put_content(self, signal: str, hash_hex: str, content: bytes) -> None:
+        # A hash's content follows from the hash itself (a vPDQ identity digests its frames).
+        self._conn.execute(
+            "INSERT OR IGNORE INTO contents (collection, type, hash, content) VALUES (?, ?, ?, ?)",
+            (self._collection, signal, hash_hex, content),
+        )
+
     def record_change(self, change: ListingChange) -> None:
         self._conn.execute(
             "INSERT INTO changes (collection, idx, ordinal, type, hash, listed) VALUES (?, ?, ?, ?, ?, ?)",
@@ -401,6 +408,21 @@ class SqliteStore:
                     (collection, signal),
                 ).fetchall()
         return [(t, h) for t, h in rows], size
+
+    def contents(self, collection: str, signal: str, hashes: Sequence[str]) -> dict[str, bytes]:
+        """The content kept beside listed hashes of a type that has one (a video's frames)."""
+        found: dict[str, bytes] = {}
+        unique = list(dict.fromkeys(hashes))
+        with self._read() as conn:
+            for start in range(0, len(unique), 500):
+                chunk = unique[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                rows = conn.execute(
+                    f"SELECT hash, content FROM contents WHERE collection = ? AND type = ? AND hash IN ({marks})",
+                    (collection, signal, *chunk),
+                ).fetchall()
+                found.update((hash_hex, bytes(content)) for hash_hex, content in rows)
+        return found
 
     def details(self, collection: str, signal: str, hashes: Sequence[str]) -> dict[str, ListingDetail]:
         """Submitters, labels, first index and opinion counts of listed hashes."""

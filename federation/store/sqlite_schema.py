@@ -13,7 +13,7 @@ from pathlib import Path
 from .base import StoreError
 
 SCHEMA_VERSION = 1
-PROJECTION_TABLES = ("keys", "seqs", "listings", "opinions", "changes")
+PROJECTION_TABLES = ("keys", "seqs", "listings", "contents", "opinions", "changes")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -45,6 +45,10 @@ CREATE TABLE IF NOT EXISTS listings (
     labels TEXT NOT NULL, quality INTEGER, since INTEGER NOT NULL,
     PRIMARY KEY (collection, type, hash, member)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS contents (
+    collection TEXT NOT NULL, type TEXT NOT NULL, hash TEXT NOT NULL, content BLOB NOT NULL,
+    PRIMARY KEY (collection, type, hash)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS opinions (
     collection TEXT NOT NULL, type TEXT NOT NULL, hash TEXT NOT NULL, member TEXT NOT NULL,
     verdict TEXT NOT NULL, note TEXT, idx INTEGER NOT NULL,
@@ -64,7 +68,8 @@ CREATE TABLE IF NOT EXISTS evidence (
     id INTEGER PRIMARY KEY AUTOINCREMENT, source TEXT NOT NULL, detected TEXT NOT NULL, body TEXT NOT NULL
 );
 """
-"""Tables ``sources`` and ``evidence`` (mirrored collections, federation.sync) were added
+"""Tables ``sources`` and ``evidence`` (mirrored collections, federation.sync) and
+``contents`` (what a signal type keeps beside a listed hash: a video's frames) were added
 after version 1 without changing it: ``CREATE TABLE IF NOT EXISTS`` adds them to an
 older file on open, and nothing that reads version 1 needs them."""
 

@@ -28,7 +28,7 @@ from ..cli_output import plural
 from ..client import MAX_JSON_BYTES, HubClient, HubError, new_client_session, read_limited
 from ..config import ConfigError
 from ..keys import VerifierKey, load_signer_file
-from ..signals import signal_type
+from ..signals import LookupDefaults, parse_query
 from .mirror import MirrorConfig, MirrorDir, lookup
 from .puller import ByteCounter, Puller, SourceStopped, SyncProgress, SyncResult, new_session
 from .verify import ForkDetected, VerificationError
@@ -308,12 +308,16 @@ def cmd_mirror(args: argparse.Namespace) -> int:
 
 
 def mirror_lookup(
-    directory: str, queries: list[tuple[str, str]], max_distance: int | None, collections: list[str]
+    directory: str, queries: list[dict[str, Any]], max_distance: int | None, collections: list[str]
 ) -> list[list[dict[str, Any]]]:
-    """``hashfed lookup --mirror DIR``: the mirror answers; nothing leaves this machine."""
+    """``hashfed lookup --mirror DIR``: the mirror answers; nothing leaves this machine.
+
+    Queries are wire query objects, resolved as a hub resolves them, with the
+    protocol's default distances where a query gives none.
+    """
     node = MirrorDir(Path(directory)).open_node()
     try:
-        parsed = [(signal_type(t), signal_type(t).parse(h)) for t, h in queries]
-        return lookup(node, parsed, 31 if max_distance is None else max_distance, collections)
+        parsed = [parse_query(query, max_distance, LookupDefaults()) for query in queries]
+        return lookup(node, parsed, collections)
     finally:
         node.store.close()

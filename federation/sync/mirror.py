@@ -20,7 +20,7 @@ from typing import Any
 from ..config import INDEX_DIR, ConfigError
 from ..keys import KeyFormatError, VerifierKey
 from ..node import Node
-from ..signals import SignalType
+from ..signals import Query
 from ..store.sqlite import SqliteStore
 from .puller import SourceSpec
 from .verify import Evidence
@@ -140,8 +140,7 @@ def _write_atomically(path: Path, text: str) -> None:
 
 def lookup(
     node: Node,
-    queries: Sequence[tuple[SignalType, str]],
-    max_distance: int,
+    queries: Sequence[Query],
     collections: Sequence[str] = (),
 ) -> list[list[dict[str, Any]]]:
     """Matches per query from a mirror's collections, in the hub's wire shape (with ``hub``).
@@ -161,5 +160,5 @@ def lookup(
     if unknown:
         known = ", ".join(sources) or "none yet"
         raise ConfigError(f"the mirror has no collection {unknown[0]!r} (it has: {known})")
-    results = node.lookup(chosen, queries, max_distance)
+    results = node.lookup(chosen, queries)
     return [[match_json(match, sources[match.collection]) for match in matches] for matches in results]

@@ -23,6 +23,7 @@ def match_json(match: Match, source: SourceRecord | None = None) -> dict[str, An
         "type": match.signal,
         "hash": match.hash,
         "distance": match.distance,
+        **dict(match.fields),
         "submitters": list(match.submitters),
         "labels": list(match.labels),
         "first_index": match.first_index,
