@@ -1,6 +1,6 @@
 """Reading hash lists for submission and lookup: CSV or one hash per line.
 
-Two input shapes are accepted:
+Three input shapes are accepted:
 
 * **CSV** with a header row naming at least a ``hash`` column; optional columns
   are ``type``, ``labels`` (several separated by ``;`` or ``|``) and
@@ -8,6 +8,9 @@ Two input shapes are accepted:
   tools can be used as they are.
 * **One hash per line**: ``HASH``, ``TYPE:HASH`` or ``TYPE,HASH``. Blank lines
   and lines starting with ``#`` are skipped.
+* **A JSON document** a signal type's tools write for one item: a video as
+  python-threatexchange's vPDQ writes it (a list of ``"pdqhex,quality,timestamp"``
+  strings). The item's hash is computed from it.
 
 A hash without a type takes the default type if one is given, else a type
 guessed from its length: only MD5 (32 hex digits) is unambiguous, a 64-digit
@@ -21,13 +24,14 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from .envelope import Addition, Limits
-from .signals import SignalError, SignalType, guess_type, signal_type
+from .signals import SIGNAL_TYPES, Frame, SignalError, SignalType, guess_type, signal_type
 
 LABEL_SEPARATOR = re.compile(r"[;|]")
 MAX_REPORTED_PROBLEMS = 20
@@ -116,6 +120,7 @@ class HashCollector:
         self.default_type = default_type
         self.labels = frozenset(check_label(label) for label in labels)
         self._items: dict[tuple[str, str], tuple[set[str], int | None]] = {}
+        self._frames: dict[tuple[str, str], tuple[Frame, ...]] = {}
         self._problems: list[Problem] = []
         self._problem_count = 0
 
@@ -171,8 +176,42 @@ class HashCollector:
             return
 
     def add_file(self, path: Path) -> None:
+        with path.open("rb") as raw:
+            document = raw.read(4).removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"[")
         with path.open(encoding="utf-8-sig", newline="") as handle:
-            self.add_lines(handle, str(path))
+            if document:
+                try:
+                    text = handle.read()
+                except UnicodeDecodeError:
+                    self.problem(str(path), "not UTF-8 text: save the file as UTF-8")
+                    return
+                self.add_document(text, str(path))
+            else:
+                self.add_lines(handle, str(path))
+
+    def add_document(self, text: str, name: str) -> None:
+        """One item from a JSON document that a signal type reads whole (a vPDQ video file)."""
+        try:
+            document = json.loads(text)
+        except ValueError as exc:
+            self.problem(name, f"not valid JSON: {exc}")
+            return
+        try:
+            for signal in SIGNAL_TYPES.values():
+                found = signal.read_document(document)
+                if found is not None:
+                    hash_hex, frames = found
+                    key = (signal.name, hash_hex)
+                    old_labels, _ = self._items.get(key, (set(), None))
+                    self._items[key] = (old_labels | set(self.labels), None)
+                    self._frames[key] = frames
+                    return
+        except SignalError as exc:
+            self.problem(name, str(exc))
+            return
+        self.problem(
+            name, "a JSON file must be a video as vPDQ writes it: a list of 'pdqhex,quality,timestamp'"
+        )
 
     def _add_csv(
         self, header: list[str], header_line: int, numbered: Iterator[tuple[int, str]], name: str
@@ -217,7 +256,7 @@ class HashCollector:
         if self._problems:
             raise HashFileError(self._problems, self._problem_count)
         return [
-            Addition(signal, value, tuple(sorted(labels)), quality)
+            Addition(signal, value, tuple(sorted(labels)), quality, self._frames.get((signal, value)))
             for (signal, value), (labels, quality) in self._items.items()
         ]
 

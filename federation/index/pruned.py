@@ -7,8 +7,9 @@ the asked radius is returned and none outside it: candidates are only ever
 
 How it prunes (the triangle inequality around cell pivots):
 
-* The vectors are grouped into cells. Cells come from k-means in a 16-dimension
-  PCA projection (cheap to train and to assign 10 million vectors); each
+* The vectors are grouped into cells. Cells come from k-means (in a
+  16-dimension PCA projection past 50,000 vectors: cheap to train and to
+  assign 10 million); each
   cell's pivot is then the mean of its members in the full space. Nothing
   below needs the assignment to be the nearest pivot, so an approximate
   assignment costs no exactness.
@@ -56,6 +57,8 @@ SCAN_FRACTION = 0.25
 _CELL_SPAN = 8192.0
 """Sort keys are ``cell * _CELL_SPAN + r``; ``r`` never exceeds sqrt(144 * 255^2) < 3060."""
 _ASSIGN_CHUNK = 262_144
+_DIRECT_KMEANS = 50_000
+"""Up to this many vectors, cells come from k-means in the full 144 dimensions."""
 _SCAN_CHUNK = 65_536
 
 
@@ -113,17 +116,24 @@ class PrunedL2Index:
         rng = np.random.default_rng(seed)
         sample_size = min(n, max(cells * 40, 10_000))
         sample = codes[np.sort(rng.choice(n, sample_size, replace=False))].astype(np.float32)
-        dimensions = min(PCA_DIMENSIONS, width)
-        pca = faiss.PCAMatrix(width, dimensions)
-        pca.train(sample)
-        kmeans = faiss.Kmeans(dimensions, cells, niter=12, seed=seed, verbose=False)
-        kmeans.train(pca.apply(sample))
+        if n <= _DIRECT_KMEANS:
+            project = None  # few vectors: k-means in the full space is cheap enough
+            dimensions = width
+        else:
+            dimensions = min(PCA_DIMENSIONS, width)
+            project = faiss.PCAMatrix(width, dimensions)
+            project.train(sample)
+            sample = project.apply(sample)
+        kmeans = faiss.Kmeans(
+            dimensions, cells, niter=12, seed=seed, verbose=False, min_points_per_centroid=1
+        )
+        kmeans.train(sample)
         quantizer = faiss.IndexFlatL2(dimensions)
         quantizer.add(kmeans.centroids)
         assignment = np.empty(n, dtype=np.int64)
         for start in range(0, n, _ASSIGN_CHUNK):
-            chunk = pca.apply(codes[start : start + _ASSIGN_CHUNK].astype(np.float32))
-            _, nearest = quantizer.search(chunk, 1)
+            chunk = codes[start : start + _ASSIGN_CHUNK].astype(np.float32)
+            _, nearest = quantizer.search(chunk if project is None else project.apply(chunk), 1)
             assignment[start : start + len(chunk)] = nearest[:, 0]
         return assignment
 

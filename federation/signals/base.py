@@ -159,6 +159,10 @@ class SignalType(ABC):
                 raise SignalError(f"{field} does not apply to {self.name} hashes")
         return None, None
 
+    def read_document(self, document: Any) -> tuple[str, tuple[Frame, ...]] | None:
+        """A hash and frames from a whole JSON file this type's tools write (a video), else None."""
+        return None
+
     def content(self, quality: int | None, frames: tuple[Frame, ...] | None) -> bytes | None:
         """Data the index needs beyond the hash, kept with the listing (only when :attr:`has_content`)."""
         return None

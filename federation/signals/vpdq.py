@@ -133,6 +133,31 @@ class VpdqSignal(SignalType):
         _checked_identity(frames, hash_hex)
         return None, frames
 
+    def read_document(self, document: Any) -> tuple[str, tuple[Frame, ...]] | None:
+        """python-threatexchange's vPDQ file: a JSON list of ``"pdqhex,quality,timestamp"`` strings."""
+        if (
+            not isinstance(document, list)
+            or not document
+            or not all(isinstance(line, str) for line in document)
+        ):
+            return None
+        frames = []
+        for position, line in enumerate(document):
+            parts = [part.strip() for part in line.split(",")]
+            if len(parts) != 3:
+                raise SignalError(
+                    f"frame {position + 1}: expected 'pdqhex,quality,timestamp', got {line[:80]!r}"
+                )
+            try:
+                quality, time = int(parts[1]), float(parts[2])
+            except ValueError:
+                raise SignalError(
+                    f"frame {position + 1}: quality and timestamp must be numbers: {line[:80]!r}"
+                ) from None
+            frames.append({"pdq": parts[0], "quality": quality, "time": time})
+        parsed = parse_frames(frames)
+        return identity(parsed), parsed
+
     def content(self, quality: int | None, frames: tuple[Frame, ...] | None) -> bytes | None:
         """The video's good frames as concatenated 32-byte PDQ codes, sorted."""
         return bytes.fromhex("".join(good_frames(frames or ())))
