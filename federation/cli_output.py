@@ -52,11 +52,14 @@ def lookup_table(
             rows.append([query, "no match", "-", "-", "-", "-", "-"])
         for position, match in enumerate(matches):
             opinions = match.get("opinions", {})
+            distance = f"{match['distance']:,}"
+            if "query_match_percent" in match:
+                distance += f" ({match['query_match_percent']:.0f}%/{match['compared_match_percent']:.0f}%)"
             rows.append(
                 [
                     query if position == 0 else "",
                     short_hash(str(match["hash"]), wide),
-                    str(match["distance"]),
+                    distance,
                     str(match["collection"]),
                     ",".join(match.get("submitters", [])) or "-",
                     ",".join(match.get("labels", [])) or "-",
@@ -135,9 +138,12 @@ class Progress:
 
 _FORMATS = (
     "Input: CSV with a header naming a `hash` column (optional columns: type, labels separated "
-    "by ; or |, quality), or one hash per line as HASH, TYPE:HASH or TYPE,HASH (blank lines and "
-    "# comments skipped). A 32-digit hash is md5; a 64-digit one (pdq or sha256) needs --type, "
-    "a TYPE: prefix or a type column."
+    "by ; or |, quality) or columns named after types (md5, sha1, photodna, ...: one hash of that "
+    "type per cell); one hash per line as HASH, TYPE:HASH or TYPE,HASH (blank lines and # "
+    "comments skipped); or a video as the JSON file python-threatexchange's vPDQ writes (a list "
+    "of 'pdqhex,quality,timestamp'). md5 (32 hex digits), sha1 (40) and photodna (288 hex, 144 "
+    "comma-separated numbers or base64) are recognised; a 64-digit hash (pdq or sha256) needs "
+    "--type, a TYPE: prefix or a type column."
 )
 
 HELP: dict[str, tuple[str, str, str]] = {
@@ -197,15 +203,20 @@ HELP: dict[str, tuple[str, str, str]] = {
         "submitted. " + _FORMATS,
         "hashfed submit --hub https://hub.example --key acme.key --collection csam --type pdq hashes.txt\n"
         "hashfed submit --hub https://hub.example --key acme.key --collection csam export.csv --label csam\n"
+        "hashfed submit --key acme.key --collection terror video-1041.vpdq.json --label propaganda\n"
         "export HASHFED_HUB=https://hub.example HASHFED_KEY=acme.key\n"
         "grep -v keep old.txt | hashfed submit --collection csam --type pdq --remove -",
     ),
     "lookup": (
         "look hashes up",
         "Look hashes up in the collections you may read: near matches for pdq (Hamming distance, "
-        "31 by default), exact matches for md5 and sha256. " + _FORMATS,
+        "31 by default), photodna (squared Euclidean distance, the hub's default unless --distance "
+        "photodna=D) and vpdq videos (frame matches, with the share of frames matched on each "
+        "side), exact matches for md5, sha1 and sha256. " + _FORMATS,
         "hashfed lookup --hub https://hub.example --key acme.key md5:d41d8cd98f00b204e9800998ecf8427e\n"
-        "hashfed lookup --hub https://hub.example --key acme.key --type pdq --file queries.txt --json",
+        "hashfed lookup --hub https://hub.example --key acme.key --type pdq --file queries.txt --json\n"
+        "hashfed lookup --key acme.key --file ncmec-export.csv --distance photodna=40000\n"
+        "hashfed lookup --key acme.key --file clip.vpdq.json --max-distance 20",
     ),
     "opinion": (
         "say whether listed hashes are right",

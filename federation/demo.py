@@ -34,8 +34,10 @@ from .envelope import Addition, Grant, OpinionItem, Removal
 from .hub import create_app, open_node
 from .keys import KeyFormatError, SignerKey, VerifierKey, load_signer_file, write_signer_file
 from .merkle import ProofError, verify_consistency, verify_inclusion
-from .signals import PDQ
+from .payloads import query_json
+from .signals import PDQ, Frame
 from .signals.pdq import DEFAULT_MAX_DISTANCE as PDQ_DEFAULT_MAX_DISTANCE
+from .signals.vpdq import identity as video_identity
 
 DEFAULT_KEYS = Path("keys/demo")
 
@@ -263,7 +265,7 @@ async def step_submit(demo: Demo) -> None:
     out.say(
         f"\nThe hub's signed checkpoint of {MAIN} now covers {first.size} entries, root {b64(first.root)}."
     )
-    out.say("We keep it, to check in step 6 that the log has only grown since.")
+    out.say("We keep it, to check in step 7 that the log has only grown since.")
 
 
 async def step_lookups(demo: Demo) -> None:
@@ -299,6 +301,69 @@ async def step_lookups(demo: Demo) -> None:
     cluster = (await demo.clients["safety-lab"].lookup([("pdq", batch[-1])]))[0]
     distances = ", ".join(str(m["distance"]) for m in cluster)
     out.say(f"\nOne of initech's near-duplicates finds {len(cluster)} of its hashes (distances {distances}).")
+
+
+async def step_more_types(demo: Demo) -> None:
+    out, clients = demo.out, demo.clients
+    out.step("PhotoDNA images and vPDQ videos")
+    out.say("PhotoDNA hashes are 144 bytes, compared by squared Euclidean distance. Real PhotoDNA hashing")
+    out.say("is licensed, so these three are made-up vectors of the right shape. acme submits them in the")
+    out.say("three forms tools write (hex, comma-separated numbers, base64); the hub keeps hex:")
+    vectors = demo_data.photodna_samples()
+    forms = [vectors[0].hex(), ",".join(map(str, vectors[1])), base64.b64encode(vectors[2]).decode()]
+    for form in forms:
+        out.say(f"  {form[:60]}...")
+    submitted = await clients["acme"].submit(
+        MAIN, [Addition("photodna", f, ("demo-photodna",)) for f in forms]
+    )
+    out.say(f"  -> {MAIN} log index {submitted.index}\n")
+    copy = demo_data.edited(vectors[0], changes=20, by=30)
+    other = demo_data.photodna_samples(1, seed=99)[0]
+    reader = clients["safety-lab"]
+    found = await reader.lookup([("photodna", copy.hex()), ("photodna", other.hex())])
+    info = await reader.info()
+    default = info.get("defaults", {}).get("photodna")
+    out.say("safety-lab looks up an edited copy (20 bytes moved by 30) and an unrelated vector;")
+    out.say(f"the hub's default maximum distance for PhotoDNA is {default:,}:")
+    rows = [
+        ["edited copy", f"{m['distance']:,}", ", ".join(m["submitters"]), ", ".join(m["labels"])]
+        for m in found[0]
+    ] or [["edited copy", "-", "not found", ""]]
+    rows += [["unrelated", f"{m['distance']:,}", ", ".join(m["submitters"]), ""] for m in found[1]] or [
+        ["unrelated", "-", "not found", ""]
+    ]
+    out.table(["query", "distance", "submitters", "labels"], rows)
+
+    frames = demo_data.video_frames()
+    video = [Frame(pdq, 90, float(second)) for second, pdq in enumerate(frames)]
+    identity = video_identity(video)
+    out.say(
+        f"\nA video is the PDQ hashes of its frames (vPDQ). globex submits one of {len(frames)} frames to"
+    )
+    out.say(f"{SECOND}; its hash, {short(identity)}, is the SHA-256 of its distinct frame hashes:")
+    listed = await clients["globex"].submit(
+        SECOND, [Addition("vpdq", identity, ("demo-video",), frames=tuple(video))]
+    )
+    out.say(f"  -> {SECOND} log index {listed.index}")
+    clip = [demo_data.flip_bits(pdq, demo_data.flip_positions(6)) for pdq in frames[10:34]]
+    clip += demo_data.video_frames(6, seed=5)
+    query = query_json(Addition("vpdq", "", frames=tuple(Frame(pdq, 90) for pdq in clip)))
+    query.pop("hash")
+    (matches,) = await reader.lookup([query])
+    out.say(f"safety-lab looks up a clip: {len(clip) - 6} of the video's frames re-encoded (6 bits off each)")
+    out.say("and 6 frames of other footage. A video matches when at least 80% of the query's frames")
+    out.say("match one of its frames:")
+    rows = [
+        [
+            "clip",
+            str(m["distance"]),
+            f"{m['query_match_percent']:.0f}%",
+            f"{m['compared_match_percent']:.0f}%",
+            ", ".join(m["submitters"]),
+        ]
+        for m in matches
+    ] or [["clip", "-", "-", "-", "not found"]]
+    out.table(["query", "distance", "query frames matched", "video frames matched", "submitters"], rows)
 
 
 async def step_opinions(demo: Demo) -> None:
@@ -426,6 +491,7 @@ async def _demo(args: argparse.Namespace) -> int:
             out.say(f"\nThe hub is serving on {url}.")
             await step_submit(demo)
             await step_lookups(demo)
+            await step_more_types(demo)
             await step_opinions(demo)
             await step_removals(demo)
             await step_verify(demo)

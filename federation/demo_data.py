@@ -217,3 +217,32 @@ def _apply_member_entry(audit: LogAudit, payload: BatchPayload | OpinionPayload)
         listers.discard(payload.member)
         if not listers:
             audit.listed.pop((removal.signal, removal.hash), None)
+
+
+# ---- PhotoDNA and video samples ----------------------------------------------
+
+PHOTODNA_SEED = 144
+VIDEO_SEED = 2024
+VIDEO_FRAMES = 40
+
+
+def photodna_samples(count: int = 3, seed: int = PHOTODNA_SEED) -> list[bytes]:
+    """Made-up PhotoDNA hashes: 144 random bytes each. Real PhotoDNA hashing is licensed, so the
+    demo generates vectors of the right shape rather than hashing images."""
+    rng = np.random.default_rng(seed)
+    return [bytes(rng.integers(0, 256, 144, dtype=np.uint8)) for _ in range(count)]
+
+
+def edited(vector: bytes, changes: int, by: int, seed: int = 7) -> bytes:
+    """``vector`` with ``changes`` of its bytes moved by ``by`` (as a re-encode or a crop would)."""
+    rng = np.random.default_rng(seed)
+    out = bytearray(vector)
+    for position in rng.choice(144, changes, replace=False):
+        out[position] = min(255, out[position] + by) if out[position] < 128 else out[position] - by
+    return bytes(out)
+
+
+def video_frames(count: int = VIDEO_FRAMES, seed: int = VIDEO_SEED) -> list[str]:
+    """PDQ hashes of a made-up video's frames, one per second."""
+    rng = np.random.default_rng(seed)
+    return [bytes(rng.integers(0, 256, 32, dtype=np.uint8)).hex() for _ in range(count)]

@@ -2,10 +2,12 @@
 
 Three input shapes are accepted:
 
-* **CSV** with a header row naming at least a ``hash`` column; optional columns
-  are ``type``, ``labels`` (several separated by ``;`` or ``|``) and
-  ``quality`` (PDQ only). Other columns are ignored, so exports from other
-  tools can be used as they are.
+* **CSV** with a header row naming a ``hash`` column, or columns named after
+  signal types (``md5``, ``sha1``, ``photodna``…: each non-empty cell is a
+  hash of that type, as hash-list exports with one column per type have it),
+  or both; optional columns are ``type`` (of the ``hash`` column), ``labels``
+  (several separated by ``;`` or ``|``) and ``quality`` (PDQ only). Other
+  columns are ignored, so exports from other tools can be used as they are.
 * **One hash per line**: ``HASH``, ``TYPE:HASH`` or ``TYPE,HASH``. Blank lines
   and lines starting with ``#`` are skipped.
 * **A JSON document** a signal type's tools write for one item: a video as
@@ -240,16 +242,16 @@ class HashCollector:
                 position = columns.get(column)
                 return row[position] if position is not None and position < len(row) else ""
 
-            if not cell("hash").strip():
-                self.problem(where, "the hash column is empty")
+            typed = [(name, cell(name)) for name in SIGNAL_TYPES if name in columns and cell(name).strip()]
+            if "hash" in columns and cell("hash").strip():
+                typed.insert(0, (cell("type").strip() or "", cell("hash")))
+            if not typed:
+                self.problem(where, "no hash in this row: the hash (or type-named) columns are empty")
                 continue
-            self.add(
-                where,
-                cell("hash"),
-                type_name=cell("type") or None,
-                labels=cell("labels"),
-                quality=cell("quality"),
-            )
+            for type_name, text in typed:
+                self.add(
+                    where, text, type_name=type_name or None, labels=cell("labels"), quality=cell("quality")
+                )
 
     def result(self) -> list[Addition]:
         """The merged hashes in input order, or HashFileError naming every problem found."""
@@ -269,9 +271,9 @@ def _integer(text: str) -> int:
 
 
 def _csv_header(line: str) -> list[str] | None:
-    """The normalised header cells if ``line`` is a CSV header naming a ``hash`` column."""
+    """The normalised header cells if ``line`` is a CSV header naming a ``hash`` column or a type's column."""
     cells = [cell.strip().lower() for cell in next(csv.reader([line]), [])]
-    return cells if "hash" in cells else None
+    return cells if "hash" in cells or any(cell in SIGNAL_TYPES for cell in cells) else None
 
 
 def _numbered(lines: Iterable[str], name: str, collector: HashCollector) -> Iterator[tuple[int, str]]:

@@ -57,7 +57,7 @@ def test_demo_walks_through_a_federation(tmp_path: Path, capsys: pytest.CaptureF
         assert stat.S_IMODE((keys / f"{name}.key").stat().st_mode) == 0o600
         assert (keys / f"{name}.pub").read_text().strip() == signer.verifier.encode()
         assert ids[name] == signer.key_id
-    for step in range(1, 8):
+    for step in range(1, 9):
         assert f"== Step {step}. " in out
 
     # Step 2: the reference hashes, with their log indexes.
@@ -86,16 +86,21 @@ def test_demo_walks_through_a_federation(tmp_path: Path, capsys: pytest.CaptureF
     )
     assert re.match(r"  sha256 \w+\.\.\.\s+-\s+not found", exact[1])
 
-    # Steps 4 and 5: opinion counts, then removals.
+    # Step 4: PhotoDNA in three forms, an edited copy found at its squared distance; a video clip.
+    assert re.search(r"  edited copy\s+18,000\s+acme\s+demo-photodna", out)
+    assert re.search(r"  unrelated\s+-\s+not found", out)
+    assert re.search(r"  clip\s+6\s+80%\s+60%\s+globex", out)
+
+    # Steps 5 and 6: opinion counts, then removals.
     assert re.search(r"bridge-3-rotate-180\s+0\s+acme\s+bridge-3-rotate-180\s+\+1 -1", out)
     assert re.search(r"  bridge-5-flipx\s+0\s+globex\s+globex-report-1041\s", out)
     assert re.search(r"  bridge-8-flip-minus-1\s+-\s+not found", out)
 
-    # Step 6: the checkpoint printed is the hub's own, and its root was recomputed.
+    # Step 7: the checkpoint printed is the hub's own, and its root was recomputed.
     note = re.search(r"    demo-hub/csam-hashes\n    (\d+)\n    (\S+)\n", out)
     assert note is not None
     size, root = int(note.group(1)), note.group(2)
-    assert size == 9
+    assert size == 10
     assert f"recomputed Merkle root over {size} entries: {root} - matches the checkpoint" in out
     node = open_node(DataDir(data))
     try:
@@ -104,12 +109,12 @@ def test_demo_walks_through_a_federation(tmp_path: Path, capsys: pytest.CaptureF
         node.store.close()
     assert "signature verified with the pinned key" in out
     assert out.count("every signature verified against the membership") == 2
-    assert "inclusion proof for the removal at index 8 (1 hash): verified" in out
-    assert "consistency proof from the step-2 checkpoint (size 5) to size 9" in out
+    assert "inclusion proof for the removal at index 9 (2 hashes): verified" in out
+    assert "consistency proof from the step-2 checkpoint (size 5) to size 10" in out
 
-    # Step 7: the summary, with commands that point at this data directory.
-    assert "csam-hashes: 9 log entries, 2,007 hashes listed" in out
-    assert "terror-hashes: 3 log entries, 4 hashes listed" in out
+    # Step 8: the summary, with commands that point at this data directory.
+    assert "csam-hashes: 10 log entries, 2,010 hashes listed" in out
+    assert "terror-hashes: 4 log entries, 5 hashes listed" in out
     assert f"hashfed serve {data}" in out
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -111,7 +114,7 @@ def test_csv_problems_name_the_file_line_including_after_multiline_fields(tmp_pa
     assert [p.where for p in problems] == [f"{path}:2", f"{path}:4", f"{path}:5"]
     assert "control character" in problems[0].message
     assert "below 50" in problems[1].message
-    assert "hash column is empty" in problems[2].message
+    assert "the hash (or type-named) columns are empty" in problems[2].message
 
 
 def test_quality_must_be_a_number_and_only_for_pdq() -> None:
@@ -174,3 +177,48 @@ def test_parse_hash_forms() -> None:
     assert parse_hash(PDQ_HASH, default_type="pdq") == (PDQ, PDQ_HASH)
     with pytest.raises(SignalError, match="hash is empty"):
         parse_hash("pdq:")
+
+
+def test_csv_columns_named_after_types_each_give_a_hash(tmp_path: Path) -> None:
+    """Hash-list exports with one column per type (an md5, a sha1 and a PhotoDNA per file)."""
+    photodna = ",".join(str(n % 256) for n in range(144))
+    sha1 = "a" * 40
+    path = tmp_path / "export.csv"
+    path.write_text(
+        f'file,MD5,SHA1,PhotoDNA,labels\nx.jpg,{MD5_HASH},{sha1},"{photodna}",csam\ny.jpg,,{sha1},,\n'
+    )
+    items = read_hash_items(str(path))
+    assert [(a.signal, a.hash, a.labels) for a in items] == [
+        ("md5", MD5_HASH, ("csam",)),
+        ("sha1", sha1, ("csam",)),
+        ("photodna", bytes(range(144)).hex(), ("csam",)),
+    ]
+    path.write_text("file,md5\nz.jpg,\n")
+    with pytest.raises(HashFileError, match=r"export\.csv:2: no hash in this row"):
+        read_hash_items(str(path))
+
+
+def test_a_bare_photodna_hash_in_any_form_is_recognised() -> None:
+    vector = bytes(range(100, 244))
+    for form in (vector.hex(), ",".join(map(str, vector)), base64.b64encode(vector).decode()):
+        assert read_text(form + "\n") == [Addition("photodna", vector.hex())]
+    assert read_text("sha1:" + "B" * 40 + "\n") == [Addition("sha1", "b" * 40)]
+    assert read_text("c" * 40 + "\n") == [Addition("sha1", "c" * 40)]
+
+
+def test_a_vpdq_json_file_is_one_video_with_its_identity(tmp_path: Path) -> None:
+    frames = [f"{n:064x}" for n in range(1, 5)]
+    lines = [f"{frames[0]},90,0.0", f"{frames[1]},70,1.0", f"{frames[0]},95,2.0", f"{frames[2]},10,3.0"]
+    path = tmp_path / "clip.json"
+    path.write_text(json.dumps(lines))
+    (item,) = read_hash_items(str(path), labels=["propaganda"])
+    good = sorted({frames[0], frames[1]})
+    assert item.signal == "vpdq" and item.labels == ("propaganda",)
+    assert item.hash == hashlib.sha256("".join(f + "\n" for f in good).encode()).hexdigest()
+    assert item.frames is not None and [f.quality for f in item.frames] == [90, 70, 95, 10]
+    path.write_text(json.dumps([f"{frames[0]},90"]))
+    with pytest.raises(HashFileError, match=r"clip\.json: frame 1: expected 'pdqhex,quality,timestamp'"):
+        read_hash_items(str(path))
+    path.write_text(json.dumps([f"{frames[0]},20,0"]))
+    with pytest.raises(HashFileError, match="no frame of quality 50"):
+        read_hash_items(str(path))

@@ -107,13 +107,15 @@ def test_photodna_segmented_search_equals_brute_force_across_merges_and_restarts
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.integers(0, 2**32 - 1), RADII, st.integers(1, 40), st.booleans())
-def test_pruned_engine_prunes_and_scans_exactly(seed: int, radius: int, cells: int, deletions: bool) -> None:
+@given(st.integers(0, 2**32 - 1), RADII, st.integers(1, 40), st.integers(1, 50), st.booleans())
+def test_pruned_engine_prunes_and_scans_exactly(
+    seed: int, radius: int, coarse: int, cell_size: int, deletions: bool
+) -> None:
     rng = np.random.default_rng(seed)
     codes = np.unique(
         clustered(rng, 300, 6, 25), axis=0
     )  # sorted and unique, as the large segment keeps them
-    engine = PrunedL2Index(codes, cells=cells)
+    engine = PrunedL2Index(codes, coarse_cells=coarse, cell_size=cell_size)
     queries = np.concatenate([codes[:3], clustered(rng, 4, 3, 25)])
     deleted = rng.random(len(codes)) < 0.3 if deletions else None
     expected = []

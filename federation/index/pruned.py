@@ -5,34 +5,35 @@ vectors, distance = the sum of squared byte differences). Every vector within
 the asked radius is returned and none outside it: candidates are only ever
 *pruned* by a proven lower bound, and every survivor is re-ranked exactly.
 
-How it prunes (the triangle inequality around cell pivots):
+How it prunes (the triangle inequality around pivots, on two levels):
 
-* The vectors are grouped into cells. Cells come from k-means (in a
-  16-dimension PCA projection past 50,000 vectors: cheap to train and to
-  assign 10 million); each
-  cell's pivot is then the mean of its members in the full space. Nothing
-  below needs the assignment to be the nearest pivot, so an approximate
-  assignment costs no exactness.
-* For a vector ``x`` of cell ``c`` the index keeps ``r(x) = |x - c|``, and
-  within each cell the rows are sorted by ``r``. For a query ``q`` at
-  ``d = |q - c|``, ``|q - x| >= |d - r(x)|``, so only the rows with ``r`` in
-  ``[d - sqrt(R), d + sqrt(R)]`` can be within squared distance ``R``: one
-  binary search bounds each cell, and cells whose whole range of ``r`` lies
-  outside are skipped outright.
-* Survivors are re-ranked exactly: ``|q|^2 + |x|^2 - 2 q.x`` where the dot
-  product is computed in float32 (exact: every partial sum is an integer
-  below 2^24 for 144 bytes) and the sum in 64-bit integers.
-* Bounds are widened by :data:`SLACK` so that float rounding of the pivot
+* The vectors are split into **coarse cells** (k-means in a 16-dimension PCA
+  projection, cheap to train and to assign 10 million vectors), and each
+  coarse cell into **fine cells** of about ``cell_size`` vectors (k-means
+  within the cell). Each cell's pivot is the mean of its members in the full
+  space. Nothing below needs a vector to sit in the cell of its nearest pivot,
+  so the approximate assignment costs no exactness.
+* For a query ``q`` and radius ``R`` (so ``|q - x| <= sqrt(R)`` for a hit):
+  a coarse cell with pivot ``c`` whose members are all within ``rmax`` of it
+  holds no hit when ``|q - c| - rmax > sqrt(R)``. Within the coarse cells
+  left, a fine cell is skipped likewise. Within a fine cell, vectors are
+  sorted by ``r(x) = |x - p|`` and only those with ``|d - r(x)| <= sqrt(R)``,
+  ``d = |q - p|``, can be hits: one binary search bounds them.
+* Survivors are re-ranked exactly: ``|q|^2 + |x|^2 - 2 q.x`` with the dot
+  product in float32 (exact: every partial sum is an integer below 2^24 for
+  144 bytes) and the sum in 64-bit integers.
+* Bounds are widened by :data:`SLACK` so that float rounding of pivot
   distances can only keep extra candidates, never drop a true hit.
 
 Where pruning cannot work (vectors spread uniformly in 144 dimensions: every
 vector sits at about the same distance from every pivot) the candidates
-approach the whole set; past :data:`SCAN_FRACTION` of it the query is
-answered by an exact blocked scan instead, which costs what a brute-force
-search costs. docs/benchmarks.md measures both corpora.
+approach the whole set; past :data:`SCAN_FRACTION` of it a query is answered
+by an exact blocked scan instead, which costs about what brute force costs.
+docs/benchmarks.md measures both kinds of corpus.
 
-Memory beyond the codes themselves (which the segment shares): 4 B per vector
-for the row order, 8 B for the sort keys and 4 B for the squared norms.
+Memory beyond the codes themselves (which the segment shares): per vector 4 B
+of row order, 8 B of sort key and 4 B of squared norm; per fine cell a
+float32 pivot (``4 * 144`` B) and three numbers.
 """
 
 from __future__ import annotations
@@ -47,30 +48,71 @@ from .budget import MatchBudget
 
 Codes = npt.NDArray[np.uint8]
 Result = tuple[npt.NDArray[np.int64], npt.NDArray[np.int32]]
+Hits = tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]
 
 PCA_DIMENSIONS = 16
+DEFAULT_CELL_SIZE = 32
+"""Vectors per fine cell, on average."""
 SLACK = 0.01
 """Added to every bound on ``|q - x|`` (units of distance, not squared): float64 pivot
 distances are off by far less than this."""
-SCAN_FRACTION = 0.25
+SCAN_FRACTION = 0.2
 """A query whose candidates exceed this share of the vectors is answered by a scan."""
 _CELL_SPAN = 8192.0
-"""Sort keys are ``cell * _CELL_SPAN + r``; ``r`` never exceeds sqrt(144 * 255^2) < 3060."""
-_ASSIGN_CHUNK = 262_144
-_DIRECT_KMEANS = 50_000
-"""Up to this many vectors, cells come from k-means in the full 144 dimensions."""
-_SCAN_CHUNK = 65_536
+"""Sort keys are ``fine cell * _CELL_SPAN + r``; ``r`` never exceeds sqrt(144 * 255^2) < 3060."""
+_CHUNK = 262_144
+_SCAN_CHUNK = 32_768
+_QUERY_BLOCK = 64
+PROJECTION_SCALE = 8.0
+"""Projections onto the principal directions are stored as int16 in units of 1/8."""
+PROJECTION_SLACK = 0.5
+"""Bounds from stored projections are widened by this much: rounding each of 16 coordinates
+to 1/8 moves a projection by at most sqrt(16) / 16 = 0.25, and float32 sums by far less."""
+PIVOT_SLACK = 4.0
+"""Added to the bounds that use query-to-pivot distances computed in float32 (units of distance).
+
+``|q|^2 + |p|^2 - 2 q.p`` sums values up to 2 * 9,363,600 in float32, whose
+spacing there is 2; a few roundings leave the square off by under 16, the
+distance by under 4 even where it is near 0."""
 
 
-def choose_cells(n: int) -> int:
-    """About two square roots of the vector count: pruning gets finer, pivot distances cost more."""
-    return max(1, min(16_384, int(2 * math.sqrt(n))))
+def choose_coarse_cells(n: int) -> int:
+    """About the square root of the vector count, at most 4,096."""
+    return max(1, min(4096, int(math.sqrt(n))))
+
+
+def _kmeans_assign(
+    points: npt.NDArray[np.float32], cells: int, seed: int, sample: int
+) -> npt.NDArray[np.int64]:
+    """Each point's cell from k-means trained on a sample (all points when few)."""
+    n, dimensions = points.shape
+    cells = max(1, min(cells, n))
+    if cells == 1:
+        return np.zeros(n, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    training = points if n <= sample else points[np.sort(rng.choice(n, sample, replace=False))]
+    kmeans = faiss.Kmeans(dimensions, cells, niter=10, seed=seed, verbose=False, min_points_per_centroid=1)
+    kmeans.train(np.ascontiguousarray(training))
+    quantizer = faiss.IndexFlatL2(dimensions)
+    quantizer.add(kmeans.centroids)
+    assignment = np.empty(n, dtype=np.int64)
+    for start in range(0, n, _CHUNK):
+        _, nearest = quantizer.search(np.ascontiguousarray(points[start : start + _CHUNK]), 1)
+        assignment[start : start + _CHUNK] = nearest[:, 0]
+    return assignment
 
 
 class PrunedL2Index:
     """Immutable; searched from several threads at once (numpy and FAISS release the GIL)."""
 
-    def __init__(self, codes: Codes, *, cells: int | None = None, seed: int = 1) -> None:
+    def __init__(
+        self,
+        codes: Codes,
+        *,
+        cell_size: int = DEFAULT_CELL_SIZE,
+        coarse_cells: int | None = None,
+        seed: int = 1,
+    ) -> None:
         codes = np.ascontiguousarray(codes, dtype=np.uint8)
         if codes.ndim != 2:
             raise ValueError("codes must be a uint8[n, width] array")
@@ -78,67 +120,103 @@ class PrunedL2Index:
         n, width = codes.shape
         self._width = width
         self._limit = width * 255 * 255
-        cells = cells or choose_cells(n)
-        cells = max(1, min(cells, n))
-        assignment = self._assign(codes, cells, seed)
-        counts = np.bincount(assignment, minlength=cells)
-        pivots = np.zeros((cells, width), dtype=np.float64)
-        radius = np.empty(n, dtype=np.float64)
-        norms = np.empty(n, dtype=np.int32)
-        for start in range(0, n, _ASSIGN_CHUNK):
-            chunk = codes[start : start + _ASSIGN_CHUNK].astype(np.float64)
-            np.add.at(pivots, assignment[start : start + _ASSIGN_CHUNK], chunk)
-        pivots /= np.maximum(counts, 1)[:, None]
-        for start in range(0, n, _ASSIGN_CHUNK):
-            stop = min(n, start + _ASSIGN_CHUNK)
-            chunk = codes[start:stop].astype(np.float64)
-            difference = chunk - pivots[assignment[start:stop]]
-            radius[start:stop] = np.sqrt(np.einsum("ij,ij->i", difference, difference))
-            norms[start:stop] = np.einsum("ij,ij->i", chunk, chunk).astype(np.int32)
-        order = np.lexsort((radius, assignment))
+        if n == 0:
+            raise ValueError("an index needs at least one vector")
+        self._mean, self._directions = self._projection(codes, seed)
+        scaled = np.empty((n, self._directions.shape[1]), dtype=np.float32)
+        for start in range(0, n, _CHUNK):
+            chunk = codes[start : start + _CHUNK].astype(np.float64) - self._mean
+            scaled[start : start + len(chunk)] = (chunk @ self._directions) * PROJECTION_SCALE
+        coarse, fine = self._cells(scaled, cell_size, coarse_cells or choose_coarse_cells(n), seed)
+        fine_count = int(fine.max()) + 1
+        self._coarse_count = int(coarse.max()) + 1
+        sizes = np.bincount(fine, minlength=fine_count)
+        pivots = self._means(codes, fine, fine_count, sizes)
+        radius = self._distances_to(codes, pivots, fine)
+        order = np.lexsort((radius, fine))
         self._order = order.astype(np.uint32 if n < 2**32 else np.int64)
-        self._keys = assignment[order] * _CELL_SPAN + radius[order]
-        self._offsets = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
         sorted_radius = radius[order]
-        nonempty = counts > 0
-        self._cell_min = np.where(nonempty, sorted_radius[np.minimum(self._offsets[:-1], n - 1)], np.inf)
-        self._cell_max = np.where(nonempty, sorted_radius[np.maximum(self._offsets[1:] - 1, 0)], -np.inf)
+        self._keys = fine[order] * _CELL_SPAN + sorted_radius
+        self._fine_offsets = np.concatenate(([0], np.cumsum(sizes))).astype(np.int64)
+        self._fine_min = sorted_radius[self._fine_offsets[:-1]]
+        self._fine_max = sorted_radius[self._fine_offsets[1:] - 1]
         self._pivots = pivots
-        self._pivot_norms = np.einsum("ij,ij->i", pivots, pivots)
+        self._pivot_norms_32 = np.einsum(
+            "ij,ij->i", pivots.astype(np.float64), pivots.astype(np.float64)
+        ).astype(np.float32)
+        # |y| <= |x - mean| < 3,060 for every coordinate y, so y * 8 fits an int16 with room to spare.
+        self._projected = np.rint(scaled[order]).astype(np.int16)
+        del scaled
+        norms = np.empty(n, dtype=np.int32)
+        for start in range(0, n, _CHUNK):
+            chunk = codes[start : start + _CHUNK].astype(np.int32)
+            norms[start : start + len(chunk)] = np.einsum("ij,ij->i", chunk, chunk)
         self._norms = norms
 
     @staticmethod
-    def _assign(codes: Codes, cells: int, seed: int) -> npt.NDArray[np.int64]:
-        """A cell for each vector: k-means in a PCA projection, trained on a sample."""
+    def _projection(codes: Codes, seed: int) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+        """The mean and the top principal directions (orthonormal columns) of a sample of the vectors."""
         n, width = codes.shape
-        if cells == 1:
-            return np.zeros(n, dtype=np.int64)
         rng = np.random.default_rng(seed)
-        sample_size = min(n, max(cells * 40, 10_000))
-        sample = codes[np.sort(rng.choice(n, sample_size, replace=False))].astype(np.float32)
-        if n <= _DIRECT_KMEANS:
-            project = None  # few vectors: k-means in the full space is cheap enough
-            dimensions = width
-        else:
-            dimensions = min(PCA_DIMENSIONS, width)
-            project = faiss.PCAMatrix(width, dimensions)
-            project.train(sample)
-            sample = project.apply(sample)
-        kmeans = faiss.Kmeans(
-            dimensions, cells, niter=12, seed=seed, verbose=False, min_points_per_centroid=1
-        )
-        kmeans.train(sample)
-        quantizer = faiss.IndexFlatL2(dimensions)
-        quantizer.add(kmeans.centroids)
-        assignment = np.empty(n, dtype=np.int64)
-        for start in range(0, n, _ASSIGN_CHUNK):
-            chunk = codes[start : start + _ASSIGN_CHUNK].astype(np.float32)
-            _, nearest = quantizer.search(chunk if project is None else project.apply(chunk), 1)
-            assignment[start : start + len(chunk)] = nearest[:, 0]
-        return assignment
+        sample = codes[np.sort(rng.choice(n, min(n, 100_000), replace=False))].astype(np.float64)
+        mean = sample.mean(axis=0)
+        centred = sample - mean
+        _, vectors = np.linalg.eigh(centred.T @ centred)
+        directions = vectors[:, ::-1][:, : min(PCA_DIMENSIONS, width)]
+        return mean, np.ascontiguousarray(directions)
+
+    @staticmethod
+    def _cells(
+        reduced: npt.NDArray[np.float32], cell_size: int, coarse_cells: int, seed: int
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """Coarse and fine cell of each vector; fine cells are numbered coarse cell by coarse cell."""
+        n = len(reduced)
+        coarse = _kmeans_assign(reduced, coarse_cells, seed, sample=coarse_cells * 64)
+        by_coarse = np.argsort(coarse, kind="stable")
+        bounds = np.concatenate(([0], np.cumsum(np.bincount(coarse, minlength=int(coarse.max()) + 1))))
+        fine = np.empty(n, dtype=np.int64)
+        next_fine = 0
+        for cell in range(len(bounds) - 1):
+            members = by_coarse[bounds[cell] : bounds[cell + 1]]
+            if len(members) == 0:
+                continue
+            wanted = max(1, round(len(members) / cell_size))
+            local = _kmeans_assign(reduced[members], wanted, seed + cell, sample=wanted * 64)
+            _, local = np.unique(local, return_inverse=True)  # number the cells used, densely
+            fine[members] = next_fine + local
+            next_fine += int(local.max()) + 1
+        _, coarse = np.unique(coarse, return_inverse=True)
+        return coarse.astype(np.int64), fine
+
+    @staticmethod
+    def _means(
+        codes: Codes, cells: npt.NDArray[np.int64], count: int, sizes: npt.NDArray[np.int64]
+    ) -> npt.NDArray[np.float32]:
+        sums = np.zeros((count, codes.shape[1]), dtype=np.float64)
+        for start in range(0, len(codes), _CHUNK):
+            np.add.at(sums, cells[start : start + _CHUNK], codes[start : start + _CHUNK].astype(np.float64))
+        means: npt.NDArray[np.float32] = (sums / np.maximum(sizes, 1)[:, None]).astype(np.float32)
+        return means
+
+    @staticmethod
+    def _distances_to(
+        codes: Codes, pivots: npt.NDArray[np.float32], cells: npt.NDArray[np.int64]
+    ) -> npt.NDArray[np.float64]:
+        """``|x - pivot of x's cell|`` for every vector, in float64."""
+        out = np.empty(len(codes), dtype=np.float64)
+        for start in range(0, len(codes), _CHUNK):
+            stop = start + len(codes[start : start + _CHUNK])
+            difference = codes[start:stop].astype(np.float64) - pivots[cells[start:stop]].astype(np.float64)
+            out[start:stop] = np.sqrt(np.einsum("ij,ij->i", difference, difference))
+        return out
 
     def __len__(self) -> int:
         return len(self._codes)
+
+    @property
+    def cells(self) -> tuple[int, int]:
+        """(coarse cells, fine cells)."""
+        return self._coarse_count, len(self._pivots)
 
     @property
     def nbytes(self) -> int:
@@ -149,7 +227,11 @@ class PrunedL2Index:
             + self._keys.nbytes
             + self._norms.nbytes
             + self._pivots.nbytes
-            + self._offsets.nbytes
+            + self._pivot_norms_32.nbytes
+            + self._fine_offsets.nbytes
+            + self._fine_min.nbytes
+            + self._fine_max.nbytes
+            + self._projected.nbytes
         )
 
     def search(
@@ -172,70 +254,98 @@ class PrunedL2Index:
         if not 0 <= max_distance <= self._limit:
             raise ValueError(f"max_distance must be from 0 to {self._limit}")
         queries = np.ascontiguousarray(queries, dtype=np.uint8).reshape(-1, self._width)
-        found: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]] | None] = [None] * len(queries)
-        if len(self._codes) == 0 or len(queries) == 0:
-            return [_empty() for _ in range(len(queries))]
+        if len(queries) == 0:
+            return []
         reach = math.sqrt(max_distance) + SLACK
         query_norms = np.einsum("ij,ij->i", queries.astype(np.int64), queries.astype(np.int64))
+        found: list[Hits | None] = [None] * len(queries)
         scan: list[int] = []
-        for start in range(0, len(queries), 256):
-            block = queries[start : start + 256]
-            squared = (
-                query_norms[start : start + len(block), None].astype(np.float64)
-                + self._pivot_norms[None, :]
-                - 2.0 * (block.astype(np.float64) @ self._pivots.T)
-            )
-            pivot_distances = np.sqrt(np.maximum(squared, 0.0))
+        for start in range(0, len(queries), _QUERY_BLOCK):
+            block = queries[start : start + _QUERY_BLOCK]
+            norms = query_norms[start : start + len(block)]
+            pivot_distances = self._pivot_distances(block, norms, self._pivots, self._pivot_norms_32)
+            projected = (
+                (block.astype(np.float64) - self._mean) @ self._directions * PROJECTION_SCALE
+            ).astype(np.float32)
             for offset in range(len(block)):
                 position = start + offset
-                if method == "scan":
-                    scan.append(position)
-                    continue
-                rows = self._candidates(pivot_distances[offset], reach, method == "prune")
+                rows = None
+                if method != "scan":
+                    rows = self._candidates(
+                        pivot_distances[offset], projected[offset], reach, method == "prune"
+                    )
                 if rows is None:
                     scan.append(position)
-                    continue
-                found[position] = self._verify(
-                    queries[position], int(query_norms[position]), rows, max_distance
-                )
+                else:
+                    found[position] = self._verify(
+                        queries[position], int(query_norms[position]), rows, max_distance
+                    )
         if scan:
-            scanned = self._scan(queries[scan], query_norms[scan], max_distance)
-            for position, scanned_hits in zip(scan, scanned, strict=True):
-                found[position] = scanned_hits
+            for position, hits in zip(
+                scan, self._scan(queries[scan], query_norms[scan], max_distance), strict=True
+            ):
+                found[position] = hits
         # The budget judges queries in order, so cuts wait until every query is answered.
         results: list[Result] = []
-        for position, hits in enumerate(found):
-            assert hits is not None
-            results.append(_ordered(*hits, deleted, budget, position))
+        for position, answer in enumerate(found):
+            assert answer is not None
+            results.append(_ordered(*answer, deleted, budget, position))
         return results
 
+    @staticmethod
+    def _pivot_distances(
+        block: Codes,
+        norms: npt.NDArray[np.int64],
+        pivots: npt.NDArray[np.float32],
+        pivot_norms: npt.NDArray[np.float32],
+    ) -> npt.NDArray[np.float32]:
+        """``|q - p|`` for every query of a block and every pivot, in float32 (one matrix product).
+
+        Float32 rounding leaves these off by less than :data:`PIVOT_SLACK`, which the bounds add.
+        """
+        squared = block.astype(np.float32) @ pivots.T
+        squared *= -2.0
+        squared += pivot_norms[None, :]
+        squared += norms.astype(np.float32)[:, None]
+        np.maximum(squared, 0.0, out=squared)
+        distances: npt.NDArray[np.float32] = np.sqrt(squared, out=squared)
+        return distances
+
     def _candidates(
-        self, pivot_distances: npt.NDArray[np.float64], reach: float, forced: bool
+        self,
+        pivot_distances: npt.NDArray[np.float32],
+        projected: npt.NDArray[np.float32],
+        reach: float,
+        forced: bool,
     ) -> npt.NDArray[np.int64] | None:
-        """Rows whose pivot bound does not rule them out, or None when a scan is cheaper."""
-        lower, upper = pivot_distances - reach, pivot_distances + reach
-        cells = np.flatnonzero((lower <= self._cell_max) & (upper >= self._cell_min))
-        if len(cells) == 0:
+        """Rows no bound rules out, or None when a scan is cheaper."""
+        wide = reach + PIVOT_SLACK
+        alive = (pivot_distances - wide <= self._fine_max) & (pivot_distances + wide >= self._fine_min)
+        fine = np.flatnonzero(alive)
+        if len(fine) == 0:
             return np.empty(0, dtype=np.int64)
-        base = cells * _CELL_SPAN
-        lows = np.searchsorted(self._keys, base + np.maximum(lower[cells], 0.0), side="left")
-        highs = np.searchsorted(self._keys, base + upper[cells], side="right")
-        lows = np.maximum(lows, self._offsets[cells])
-        highs = np.minimum(highs, self._offsets[cells + 1])
-        sizes = np.maximum(highs - lows, 0)
-        total = int(sizes.sum())
-        if not forced and total > SCAN_FRACTION * len(self._codes):
+        distances = pivot_distances[fine].astype(np.float64)
+        base = fine * _CELL_SPAN
+        lows = np.searchsorted(self._keys, base + np.maximum(distances - wide, 0.0), side="left")
+        highs = np.searchsorted(self._keys, base + distances + wide, side="right")
+        lows = np.maximum(lows, self._fine_offsets[fine])
+        highs = np.minimum(highs, self._fine_offsets[fine + 1])
+        keep = highs > lows
+        lows, highs, fine = lows[keep], highs[keep], fine[keep]
+        if not forced and int((highs - lows).sum()) > SCAN_FRACTION * len(self._codes):
             return None
-        if total == 0:
-            return np.empty(0, dtype=np.int64)
-        starts = np.repeat(lows - np.concatenate(([0], np.cumsum(sizes)[:-1])), sizes)
-        positions = starts + np.arange(total, dtype=np.int64)
-        rows: npt.NDArray[np.int64] = self._order[positions].astype(np.int64)
+        positions = _ranges(lows, highs)
+        # An orthonormal projection never lengthens a difference: |P(x - q)| <= |x - q|.
+        # The stored projections are rounded to 1/8, so each is within PROJECTION_SLACK of the truth.
+        difference = self._projected[positions].astype(np.float32) - projected
+        close = (
+            np.einsum("ij,ij->i", difference, difference)
+            <= ((reach + PROJECTION_SLACK) * PROJECTION_SCALE) ** 2
+        )
+        rows: npt.NDArray[np.int64] = self._order[positions[close]].astype(np.int64)
         return rows
 
-    def _verify(
-        self, query: Codes, query_norm: int, rows: npt.NDArray[np.int64], max_distance: int
-    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    def _verify(self, query: Codes, query_norm: int, rows: npt.NDArray[np.int64], max_distance: int) -> Hits:
         """The candidate rows truly within range, with their exact distances."""
         if len(rows) == 0:
             return rows, np.empty(0, np.int64)
@@ -244,29 +354,43 @@ class PrunedL2Index:
         keep = distances <= max_distance
         return rows[keep], distances[keep]
 
-    def _scan(
-        self, queries: Codes, query_norms: npt.NDArray[np.int64], max_distance: int
-    ) -> list[tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]]:
-        """Every row within range of each query, by exact blocked brute force."""
-        found_rows: list[list[npt.NDArray[np.int64]]] = [[] for _ in queries]
-        found_distances: list[list[npt.NDArray[np.int64]]] = [[] for _ in queries]
+    def _scan(self, queries: Codes, query_norms: npt.NDArray[np.int64], max_distance: int) -> list[Hits]:
+        """Every row within range of each query, by blocked brute force in float32, verified exactly.
+
+        Float32 sums of ``|q|^2 + |x|^2 - 2 q.x`` are off by a few units at
+        most; candidates are taken with a margin and their distances recomputed.
+        """
+        rows_found: list[list[npt.NDArray[np.int64]]] = [[] for _ in queries]
         query_floats = queries.astype(np.float32)
+        limit = np.float32(max_distance + 64)
         for start in range(0, len(self._codes), _SCAN_CHUNK):
             chunk = self._codes[start : start + _SCAN_CHUNK]
-            dots = (query_floats @ chunk.astype(np.float32).T).astype(np.int64)
-            distances = query_norms[:, None] + self._norms[start : start + len(chunk)][None, :] - 2 * dots
-            hit_query, hit_row = np.nonzero(distances <= max_distance)
-            for query in np.unique(hit_query):
-                mine = hit_query == query
-                found_rows[query].append(hit_row[mine] + start)
-                found_distances[query].append(distances[query, hit_row[mine]])
-        return [
-            (
-                np.concatenate(rows) if rows else np.empty(0, np.int64),
-                np.concatenate(distances) if distances else np.empty(0, np.int64),
-            )
-            for rows, distances in zip(found_rows, found_distances, strict=True)
-        ]
+            approximate = query_floats @ chunk.astype(np.float32).T
+            approximate *= -2.0
+            approximate += self._norms[start : start + len(chunk)].astype(np.float32)[None, :]
+            approximate += query_norms.astype(np.float32)[:, None]
+            hit_query, hit_row = np.nonzero(approximate <= limit)
+            if len(hit_query):
+                splits = np.searchsorted(hit_query, np.arange(1, len(queries)))
+                for query, rows in enumerate(np.split(hit_row + start, splits)):
+                    if len(rows):
+                        rows_found[query].append(rows.astype(np.int64))
+        results = []
+        for query, parts in enumerate(rows_found):
+            rows = np.concatenate(parts) if parts else np.empty(0, np.int64)
+            results.append(self._verify(queries[query], int(query_norms[query]), rows, max_distance))
+        return results
+
+
+def _ranges(starts: npt.NDArray[np.int64], stops: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    """The integers of every ``[start, stop)``, concatenated."""
+    sizes = stops - starts
+    total = int(sizes.sum())
+    if total == 0:
+        return np.empty(0, dtype=np.int64)
+    shifts = np.repeat(starts - np.concatenate(([0], np.cumsum(sizes)[:-1])), sizes)
+    out: npt.NDArray[np.int64] = shifts + np.arange(total, dtype=np.int64)
+    return out
 
 
 def _ordered(
@@ -283,7 +407,3 @@ def _ordered(
     if budget is not None:
         order = order[: budget.take(position, len(order))]
     return rows[order].astype(np.int64), distances[order].astype(np.int32)
-
-
-def _empty() -> Result:
-    return np.empty(0, np.int64), np.empty(0, np.int32)
