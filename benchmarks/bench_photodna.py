@@ -33,6 +33,7 @@ process's VmHWM minus the same baseline. Single lookups run for at most
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -92,10 +93,8 @@ def _rss() -> int:
 
 
 def _reset_peak() -> None:
-    try:
+    with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
 
 
 def run_engine(engine: str, data: Path, radii: list[int], single_seconds: float) -> dict[str, Any]:

@@ -5,9 +5,14 @@ distinct frame hash, the videos that have it. The frame hashes themselves
 live in a PDQ index (the same engine PDQ images use); a video query is one
 batched frame search followed by a tally per video.
 
-Updates take a lock; searches do not: each frame's owners are an immutable
-tuple replaced whole, so a search sees a frame's owners before or after an
-update, never half of one.
+Updates take a lock; searches do not: each frame's owners are a video name
+or an immutable tuple of them, replaced whole, so a search sees a frame's
+owners before or after an update, never half of one.
+
+Memory: a video's frames are kept as one bytes object (32 bytes a frame),
+and the frame map is keyed by the raw 32 bytes, its value the video's name
+itself when one video has the frame (the common case), so a listed frame
+costs about 150 bytes beside the PDQ engine's 32-40.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from .engines import CodeFormat, Match, SearchIndex
 if TYPE_CHECKING:
     from ..signals.vpdq import VideoQuery
 
-FRAME_HEX = 64
+FRAME_BYTES = 32
+Owners = str | tuple[str, ...]
 
 
 class VideoIndex:
@@ -31,8 +37,8 @@ class VideoIndex:
         self.signal = signal
         self.frames = frames
         self._lock = threading.Lock()
-        self._videos: dict[str, tuple[str, ...]] = {}
-        self._owners: dict[str, tuple[str, ...]] = {}
+        self._videos: dict[str, bytes] = {}
+        self._owners: dict[bytes, Owners] = {}
 
     def add(self, hashes: Sequence[str], contents: Sequence[bytes] | None = None) -> None:
         """Add videos with their good frames (``contents``: concatenated 32-byte codes each)."""
@@ -41,18 +47,17 @@ class VideoIndex:
         with self._lock:
             new_frames: list[str] = []
             for video, content in zip(hashes, contents, strict=True):
-                if video in self._videos:
+                if video in self._videos or len(content) % FRAME_BYTES:
                     continue
-                text = content.hex()
-                frames = tuple(text[i : i + FRAME_HEX] for i in range(0, len(text), FRAME_HEX))
-                self._videos[video] = frames
-                for frame in frames:
+                self._videos[video] = content
+                for start in range(0, len(content), FRAME_BYTES):
+                    frame = content[start : start + FRAME_BYTES]
                     owners = self._owners.get(frame)
                     if owners is None:
-                        new_frames.append(frame)
-                        self._owners[frame] = (video,)
+                        new_frames.append(frame.hex())
+                        self._owners[frame] = video
                     else:
-                        self._owners[frame] = (*owners, video)
+                        self._owners[frame] = (owners, video) if isinstance(owners, str) else (*owners, video)
             if new_frames:
                 self.frames.add(new_frames)
 
@@ -60,14 +65,18 @@ class VideoIndex:
         with self._lock:
             gone: list[str] = []
             for video in hashes:
-                frames = self._videos.pop(video, None)
-                for frame in frames or ():
-                    owners = tuple(owner for owner in self._owners[frame] if owner != video)
-                    if owners:
-                        self._owners[frame] = owners
-                    else:
+                content = self._videos.pop(video, None)
+                if content is None:
+                    continue
+                for start in range(0, len(content), FRAME_BYTES):
+                    frame = content[start : start + FRAME_BYTES]
+                    owners = self._owners[frame]
+                    left = () if isinstance(owners, str) else tuple(o for o in owners if o != video)
+                    if not left:
                         del self._owners[frame]
-                        gone.append(frame)
+                        gone.append(frame.hex())
+                    else:
+                        self._owners[frame] = left[0] if len(left) == 1 else left
             if gone:
                 self.frames.remove(gone)
 
@@ -94,11 +103,13 @@ class VideoIndex:
         frame_budget = MatchBudget(budget.per_query, budget.per_answer) if budget is not None else None
         found = self.frames.search(frames, max_distance, frame_budget)
         nearest: dict[str, dict[int, int]] = {}
-        matched: dict[str, set[str]] = {}
+        matched: dict[str, set[bytes]] = {}
         owners_of = self._owners.get
         for frame_position, hits in enumerate(found):
-            for frame, distance in hits:
-                for video in owners_of(frame, ()):
+            for frame_hex, distance in hits:
+                frame = bytes.fromhex(frame_hex)
+                owners = owners_of(frame, ())
+                for video in (owners,) if isinstance(owners, str) else owners:
                     best = nearest.setdefault(video, {})
                     if distance < best.get(frame_position, distance + 1):
                         best[frame_position] = distance
@@ -109,7 +120,7 @@ class VideoIndex:
             if not listed:
                 continue  # removed while this search ran
             query_percent = 100.0 * len(best) / len(frames)
-            compared_percent = 100.0 * len(matched[video]) / len(listed)
+            compared_percent = 100.0 * len(matched[video]) / (len(listed) // FRAME_BYTES)
             if (
                 query_percent >= query.min_query_match_percent
                 and compared_percent >= query.min_compared_match_percent
