@@ -122,7 +122,10 @@ def run_engine(engine: str, data: Path, radii: list[int], single_seconds: float)
         flat = faiss.IndexFlatL2(WIDTH)
         for start in range(0, len(codes), 1 << 18):
             flat.add(codes[start : start + (1 << 18)].astype(np.float32))
-        norms = np.einsum("ij,ij->i", codes.astype(np.int64), codes.astype(np.int64))
+        norms = np.empty(len(codes), dtype=np.int64)
+        for start in range(0, len(codes), 1 << 18):
+            chunk = codes[start : start + (1 << 18)].astype(np.int64)
+            norms[start : start + len(chunk)] = np.einsum("ij,ij->i", chunk, chunk)
 
         def search(batch: list[int], radius: int) -> list[list[str]]:
             asked = queries[batch]

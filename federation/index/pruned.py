@@ -61,8 +61,14 @@ SCAN_FRACTION = 0.2
 _CELL_SPAN = 8192.0
 """Sort keys are ``fine cell * _CELL_SPAN + r``; ``r`` never exceeds sqrt(144 * 255^2) < 3060."""
 _CHUNK = 262_144
-_SCAN_CHUNK = 32_768
+_SCAN_CHUNK = 16_384
+SCAN_MARGIN = 600
+"""Float32 error bound of the scan's matrix product: 146 additions whose partial sums stay
+below 2 * 2 * 9,363,600 < 2^26, where float32 values are 4 apart, so each rounds by at most 2:
+under 300 in all, doubled for safety."""
 _QUERY_BLOCK = 64
+GIVE_UP_AFTER = 16
+"""After this many queries in a row that pruning could not help, the rest of the call scans."""
 PROJECTION_SCALE = 8.0
 """Projections onto the principal directions are stored as int16 in units of 1/8."""
 PROJECTION_SLACK = 0.5
@@ -260,7 +266,11 @@ class PrunedL2Index:
         query_norms = np.einsum("ij,ij->i", queries.astype(np.int64), queries.astype(np.int64))
         found: list[Hits | None] = [None] * len(queries)
         scan: list[int] = []
+        pruned_in_vain = 0  # queries in a row whose candidates were too many: stop trying
         for start in range(0, len(queries), _QUERY_BLOCK):
+            if method == "auto" and pruned_in_vain >= GIVE_UP_AFTER:
+                scan.extend(range(start, len(queries)))
+                break
             block = queries[start : start + _QUERY_BLOCK]
             norms = query_norms[start : start + len(block)]
             pivot_distances = self._pivot_distances(block, norms, self._pivots, self._pivot_norms_32)
@@ -270,13 +280,16 @@ class PrunedL2Index:
             for offset in range(len(block)):
                 position = start + offset
                 rows = None
-                if method != "scan":
+                hopeless = method == "auto" and pruned_in_vain >= GIVE_UP_AFTER
+                if method != "scan" and not hopeless:
                     rows = self._candidates(
                         pivot_distances[offset], projected[offset], reach, method == "prune"
                     )
                 if rows is None:
                     scan.append(position)
+                    pruned_in_vain += 1
                 else:
+                    pruned_in_vain = 0
                     found[position] = self._verify(
                         queries[position], int(query_norms[position]), rows, max_distance
                     )
@@ -357,28 +370,39 @@ class PrunedL2Index:
     def _scan(self, queries: Codes, query_norms: npt.NDArray[np.int64], max_distance: int) -> list[Hits]:
         """Every row within range of each query, by blocked brute force in float32, verified exactly.
 
-        Float32 sums of ``|q|^2 + |x|^2 - 2 q.x`` are off by a few units at
-        most; candidates are taken with a margin and their distances recomputed.
+        One matrix product per block gives ``|q|^2 + |x|^2 - 2 q.x`` directly
+        (the queries carry a 1 and their norm, the block its norms and a 1).
+        Its float32 sums are off by at most :data:`SCAN_MARGIN`; candidates
+        are taken with that margin and their distances recomputed in integers.
         """
-        rows_found: list[list[npt.NDArray[np.int64]]] = [[] for _ in queries]
-        query_floats = queries.astype(np.float32)
-        limit = np.float32(max_distance + 64)
+        width = self._width
+        augmented = np.empty((len(queries), width + 2), dtype=np.float32)
+        augmented[:, :width] = queries
+        augmented[:, width] = 1.0
+        augmented[:, width + 1] = query_norms
+        limit = np.float32(max_distance + SCAN_MARGIN)
+        block = np.empty((_SCAN_CHUNK, width + 2), dtype=np.float32)
+        block[:, width + 1] = 1.0
+        found_queries: list[npt.NDArray[np.int64]] = []
+        found_rows: list[npt.NDArray[np.int64]] = []
         for start in range(0, len(self._codes), _SCAN_CHUNK):
             chunk = self._codes[start : start + _SCAN_CHUNK]
-            approximate = query_floats @ chunk.astype(np.float32).T
-            approximate *= -2.0
-            approximate += self._norms[start : start + len(chunk)].astype(np.float32)[None, :]
-            approximate += query_norms.astype(np.float32)[:, None]
-            hit_query, hit_row = np.nonzero(approximate <= limit)
+            rows = len(chunk)
+            np.multiply(chunk, -2.0, out=block[:rows, :width], casting="unsafe")
+            block[:rows, width] = self._norms[start : start + rows]
+            hit_query, hit_row = np.nonzero(augmented @ block[:rows].T <= limit)
             if len(hit_query):
-                splits = np.searchsorted(hit_query, np.arange(1, len(queries)))
-                for query, rows in enumerate(np.split(hit_row + start, splits)):
-                    if len(rows):
-                        rows_found[query].append(rows.astype(np.int64))
+                found_queries.append(hit_query.astype(np.int64))
+                found_rows.append(hit_row.astype(np.int64) + start)
         results = []
-        for query, parts in enumerate(rows_found):
-            rows = np.concatenate(parts) if parts else np.empty(0, np.int64)
-            results.append(self._verify(queries[query], int(query_norms[query]), rows, max_distance))
+        if found_queries:
+            all_queries, all_rows = np.concatenate(found_queries), np.concatenate(found_rows)
+            order = np.argsort(all_queries, kind="stable")
+            all_queries, all_rows = all_queries[order], all_rows[order]
+            bounds = np.searchsorted(all_queries, np.arange(len(queries) + 1))
+        for query in range(len(queries)):
+            rows_of = all_rows[bounds[query] : bounds[query + 1]] if found_queries else np.empty(0, np.int64)
+            results.append(self._verify(queries[query], int(query_norms[query]), rows_of, max_distance))
         return results
 
 
