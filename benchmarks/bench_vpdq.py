@@ -45,23 +45,22 @@ MIN_QUERY = 80.0
 
 
 def flip_some(codes: npt.NDArray[np.uint8], most: int, rng: np.random.Generator) -> npt.NDArray[np.uint8]:
-    """Each code with 0..most random bits flipped."""
-    out = codes.copy()
-    bits = np.unpackbits(out, axis=1)
-    for row in range(len(out)):
-        flips = rng.choice(256, int(rng.integers(0, most + 1)), replace=False)
-        bits[row, flips] ^= 1
-    return np.packbits(bits, axis=1)
+    """Each code with up to ``most`` random bits flipped."""
+    bits = np.unpackbits(codes, axis=1)
+    counts = rng.integers(0, most + 1, len(codes))
+    positions = rng.integers(0, 256, (len(codes), most))
+    chosen = np.arange(most)[None, :] < counts[:, None]
+    rows = np.repeat(np.arange(len(codes)), most)[chosen.ravel()]
+    bits[rows, positions[chosen]] ^= 1
+    packed: npt.NDArray[np.uint8] = np.packbits(bits, axis=1)
+    return packed
 
 
 def make_video(frames: int, rng: np.random.Generator) -> npt.NDArray[np.uint8]:
+    """A video's distinct frames: scenes of near-duplicate frames (0-8 bits apart from the scene's)."""
     scenes = rng.integers(0, 256, (frames // SCENE + 1, 32), dtype=np.uint8)
     base = np.repeat(scenes, SCENE, axis=0)[:frames]
-    noise = np.unpackbits(np.zeros((frames, 32), np.uint8), axis=1)
-    flips = rng.integers(0, 9, frames)
-    for row in range(frames):
-        noise[row, rng.choice(256, int(flips[row]), replace=False)] = 1
-    return np.unique(base ^ np.packbits(noise, axis=1), axis=0)
+    return np.unique(flip_some(base, 8, rng), axis=0)
 
 
 def identity_of(codes: npt.NDArray[np.uint8]) -> str:
