@@ -5,25 +5,30 @@ vectors, distance = the sum of squared byte differences). Every vector within
 the asked radius is returned and none outside it: candidates are only ever
 *pruned* by a proven lower bound, and every survivor is re-ranked exactly.
 
-How it prunes (the triangle inequality around pivots, on two levels):
+How it prunes (the triangle inequality around cell pivots, then a projection):
 
-* The vectors are split into **coarse cells** (k-means in a 16-dimension PCA
-  projection, cheap to train and to assign 10 million vectors), and each
-  coarse cell into **fine cells** of about ``cell_size`` vectors (k-means
-  within the cell). Each cell's pivot is the mean of its members in the full
-  space. Nothing below needs a vector to sit in the cell of its nearest pivot,
-  so the approximate assignment costs no exactness.
-* For a query ``q`` and radius ``R`` (so ``|q - x| <= sqrt(R)`` for a hit):
-  a coarse cell with pivot ``c`` whose members are all within ``rmax`` of it
-  holds no hit when ``|q - c| - rmax > sqrt(R)``. Within the coarse cells
-  left, a fine cell is skipped likewise. Within a fine cell, vectors are
-  sorted by ``r(x) = |x - p|`` and only those with ``|d - r(x)| <= sqrt(R)``,
-  ``d = |q - p|``, can be hits: one binary search bounds them.
-* Survivors are re-ranked exactly: ``|q|^2 + |x|^2 - 2 q.x`` with the dot
-  product in float32 (exact: every partial sum is an integer below 2^24 for
-  144 bytes) and the sum in 64-bit integers.
-* Bounds are widened by :data:`SLACK` so that float rounding of pivot
-  distances can only keep extra candidates, never drop a true hit.
+* The vectors are projected onto their 16 principal directions (PCA of a
+  sample; the projection ``P`` is orthonormal, so ``|P(x - q)| <= |x - q|``).
+* They are split into **cells** of about ``cell_size`` vectors: k-means in the
+  projection, within coarser k-means cells (cheap to train and to assign 10
+  million vectors). Each cell's pivot ``p`` is the mean of its members in the
+  full space, and each member keeps ``r(x) = |x - p|``. Nothing below needs a
+  vector to sit in the cell of its nearest pivot, so the approximate
+  assignment costs no exactness.
+* For a query ``q`` and radius ``R`` (a hit has ``|q - x| <= sqrt(R)``), a
+  member can be a hit only if ``|d - r(x)| <= sqrt(R)``, ``d = |q - p|``.
+  ``d`` is bounded without touching the 144 bytes of the pivot: with ``a``
+  and ``b`` the parts of ``q`` and ``p`` the projection leaves out,
+  ``d^2 = |P(q - p)|^2 + |a - b|^2`` and ``||a| - |b|| <= |a - b| <= |a| + |b|``,
+  so one float32 matrix product of 16-dimension projections per 64 queries
+  bounds ``d`` for every cell. Cells whose members' ``r`` all miss the
+  interval are skipped; in the others each member's ``r`` is checked.
+* Survivors are checked against their stored projection (int16, in units of
+  1/8), then re-ranked exactly: ``|q|^2 + |x|^2 - 2 q.x`` with the dot product
+  in float32 (exact: every partial sum is an integer below 2^24 for 144
+  bytes) and the sum in 64-bit integers.
+* Every bound is widened by a slack that covers its float rounding, so
+  rounding can only keep extra candidates, never drop a true hit.
 
 Where pruning cannot work (vectors spread uniformly in 144 dimensions: every
 vector sits at about the same distance from every pivot) the candidates
@@ -32,8 +37,8 @@ by an exact blocked scan instead, which costs about what brute force costs.
 docs/benchmarks.md measures both kinds of corpus.
 
 Memory beyond the codes themselves (which the segment shares): per vector 4 B
-of row order, 8 B of sort key and 4 B of squared norm; per fine cell a
-float32 pivot (``4 * 144`` B) and three numbers.
+of row order, 8 B of sort key, 4 B of squared norm and 32 B of projection;
+per cell a 16-dimension projection of its pivot and four numbers.
 """
 
 from __future__ import annotations
@@ -74,12 +79,13 @@ PROJECTION_SCALE = 8.0
 PROJECTION_SLACK = 0.5
 """Bounds from stored projections are widened by this much: rounding each of 16 coordinates
 to 1/8 moves a projection by at most sqrt(16) / 16 = 0.25, and float32 sums by far less."""
-PIVOT_SLACK = 4.0
-"""Added to the bounds that use query-to-pivot distances computed in float32 (units of distance).
-
-``|q|^2 + |p|^2 - 2 q.p`` sums values up to 2 * 9,363,600 in float32, whose
-spacing there is 2; a few roundings leave the square off by under 16, the
-distance by under 4 even where it is near 0."""
+SQUARED_SLACK = 64.0
+"""Added to squared-distance thresholds computed in float32 (values below 2^24 there)."""
+PIVOT_SLACK = 8.0
+"""Added to the bounds on a query's distance to a pivot (units of distance). They come from
+squared distances between 16-dimension projections computed in float32, where values stay
+below 2^24 and the rounding of inputs, 16 products and three sums stays under 32: at most
+sqrt(32) < 6 off even where the distance is near 0."""
 
 
 def choose_coarse_cells(n: int) -> int:
@@ -146,10 +152,18 @@ class PrunedL2Index:
         self._fine_offsets = np.concatenate(([0], np.cumsum(sizes))).astype(np.int64)
         self._fine_min = sorted_radius[self._fine_offsets[:-1]]
         self._fine_max = sorted_radius[self._fine_offsets[1:] - 1]
-        self._pivots = pivots
-        self._pivot_norms_32 = np.einsum(
-            "ij,ij->i", pivots.astype(np.float64), pivots.astype(np.float64)
-        ).astype(np.float32)
+        # Pivots are kept as their projection and the length of what the projection leaves out:
+        # enough to bound a query's distance to them (see _candidates) at a ninth of the cost.
+        centred = pivots.astype(np.float64) - self._mean
+        projected_pivots = centred @ self._directions
+        self._pivot_projections = projected_pivots.astype(np.float32)
+        self._pivot_projection_norms = np.einsum("ij,ij->i", projected_pivots, projected_pivots).astype(
+            np.float32
+        )
+        residual = np.einsum("ij,ij->i", centred, centred) - np.einsum(
+            "ij,ij->i", projected_pivots, projected_pivots
+        )
+        self._pivot_residuals = np.sqrt(np.maximum(residual, 0.0)).astype(np.float32)
         # |y| <= |x - mean| < 3,060 for every coordinate y, so y * 8 fits an int16 with room to spare.
         self._projected = np.rint(scaled[order]).astype(np.int16)
         del scaled
@@ -222,7 +236,7 @@ class PrunedL2Index:
     @property
     def cells(self) -> tuple[int, int]:
         """(coarse cells, fine cells)."""
-        return self._coarse_count, len(self._pivots)
+        return self._coarse_count, len(self._pivot_projections)
 
     @property
     def nbytes(self) -> int:
@@ -232,8 +246,9 @@ class PrunedL2Index:
             + self._order.nbytes
             + self._keys.nbytes
             + self._norms.nbytes
-            + self._pivots.nbytes
-            + self._pivot_norms_32.nbytes
+            + self._pivot_projections.nbytes
+            + self._pivot_projection_norms.nbytes
+            + self._pivot_residuals.nbytes
             + self._fine_offsets.nbytes
             + self._fine_min.nbytes
             + self._fine_max.nbytes
@@ -263,6 +278,9 @@ class PrunedL2Index:
         if len(queries) == 0:
             return []
         reach = math.sqrt(max_distance) + SLACK
+        wide = reach + PIVOT_SLACK
+        # A cell whose pivot's projection is farther than this from the query's holds no hit.
+        limits = ((self._fine_max + wide) ** 2 + SQUARED_SLACK).astype(np.float32)
         query_norms = np.einsum("ij,ij->i", queries.astype(np.int64), queries.astype(np.int64))
         found: list[Hits | None] = [None] * len(queries)
         scan: list[int] = []
@@ -272,18 +290,28 @@ class PrunedL2Index:
                 scan.extend(range(start, len(queries)))
                 break
             block = queries[start : start + _QUERY_BLOCK]
-            norms = query_norms[start : start + len(block)]
-            pivot_distances = self._pivot_distances(block, norms, self._pivots, self._pivot_norms_32)
-            projected = (
-                (block.astype(np.float64) - self._mean) @ self._directions * PROJECTION_SCALE
-            ).astype(np.float32)
+            centred = block.astype(np.float64) - self._mean
+            along = centred @ self._directions
+            residuals = np.sqrt(
+                np.maximum(np.einsum("ij,ij->i", centred, centred) - np.einsum("ij,ij->i", along, along), 0.0)
+            )
+            squared = along.astype(np.float32) @ self._pivot_projections.T
+            squared *= -2.0
+            squared += self._pivot_projection_norms[None, :]
+            squared += np.einsum("ij,ij->i", along, along).astype(np.float32)[:, None]
+            projected = (along * PROJECTION_SCALE).astype(np.float32)
             for offset in range(len(block)):
                 position = start + offset
                 rows = None
                 hopeless = method == "auto" and pruned_in_vain >= GIVE_UP_AFTER
                 if method != "scan" and not hopeless:
                     rows = self._candidates(
-                        pivot_distances[offset], projected[offset], reach, method == "prune"
+                        squared[offset],
+                        float(residuals[offset]),
+                        projected[offset],
+                        reach,
+                        limits,
+                        method == "prune",
                     )
                 if rows is None:
                     scan.append(position)
@@ -305,49 +333,48 @@ class PrunedL2Index:
             results.append(_ordered(*answer, deleted, budget, position))
         return results
 
-    @staticmethod
-    def _pivot_distances(
-        block: Codes,
-        norms: npt.NDArray[np.int64],
-        pivots: npt.NDArray[np.float32],
-        pivot_norms: npt.NDArray[np.float32],
-    ) -> npt.NDArray[np.float32]:
-        """``|q - p|`` for every query of a block and every pivot, in float32 (one matrix product).
-
-        Float32 rounding leaves these off by less than :data:`PIVOT_SLACK`, which the bounds add.
-        """
-        squared = block.astype(np.float32) @ pivots.T
-        squared *= -2.0
-        squared += pivot_norms[None, :]
-        squared += norms.astype(np.float32)[:, None]
-        np.maximum(squared, 0.0, out=squared)
-        distances: npt.NDArray[np.float32] = np.sqrt(squared, out=squared)
-        return distances
-
     def _candidates(
         self,
-        pivot_distances: npt.NDArray[np.float32],
+        squared: npt.NDArray[np.float32],
+        residual: float,
         projected: npt.NDArray[np.float32],
         reach: float,
+        limits: npt.NDArray[np.float32],
         forced: bool,
     ) -> npt.NDArray[np.int64] | None:
-        """Rows no bound rules out, or None when a scan is cheaper."""
+        """Rows no bound rules out, or None when a scan is cheaper.
+
+        ``squared`` holds the squared distances between the query's projection
+        and every pivot's, ``residual`` the length of what the query's
+        projection leaves out. With ``a`` and ``b`` the parts of query and pivot
+        the projection leaves out, ``|q - p|^2 = |P(q - p)|^2 + |a - b|^2`` and
+        ``||a| - |b|| <= |a - b| <= |a| + |b|``: so ``|q - p|`` lies between
+        ``low`` and ``high`` below, and a member ``x`` can be a hit only if
+        ``|x - p|`` is within ``reach`` of that interval.
+        """
         wide = reach + PIVOT_SLACK
-        alive = (pivot_distances - wide <= self._fine_max) & (pivot_distances + wide >= self._fine_min)
-        fine = np.flatnonzero(alive)
+        fine = np.flatnonzero(squared <= limits)
         if len(fine) == 0:
             return np.empty(0, dtype=np.int64)
-        distances = pivot_distances[fine].astype(np.float64)
-        base = fine * _CELL_SPAN
-        lows = np.searchsorted(self._keys, base + np.maximum(distances - wide, 0.0), side="left")
-        highs = np.searchsorted(self._keys, base + distances + wide, side="right")
-        lows = np.maximum(lows, self._fine_offsets[fine])
-        highs = np.minimum(highs, self._fine_offsets[fine + 1])
-        keep = highs > lows
-        lows, highs, fine = lows[keep], highs[keep], fine[keep]
-        if not forced and int((highs - lows).sum()) > SCAN_FRACTION * len(self._codes):
+        along = np.maximum(squared[fine].astype(np.float64), 0.0)
+        others = self._pivot_residuals[fine].astype(np.float64)
+        low = np.sqrt(along + (residual - others) ** 2)
+        high = np.sqrt(along + (residual + others) ** 2)
+        alive = (low - wide <= self._fine_max[fine]) & (high + wide >= self._fine_min[fine])
+        fine, low, high = fine[alive], low[alive], high[alive]
+        if len(fine) == 0:
+            return np.empty(0, dtype=np.int64)
+        starts, stops = self._fine_offsets[fine], self._fine_offsets[fine + 1]
+        sizes = stops - starts
+        if not forced and int(sizes.sum()) > SCAN_FRACTION * len(self._codes):
             return None
-        positions = _ranges(lows, highs)
+        # Cells are small: checking every member's stored radius beats a binary search per cell.
+        positions = _ranges(starts, stops)
+        base = fine * _CELL_SPAN
+        keys = self._keys[positions]
+        positions = positions[
+            (keys >= np.repeat(base + low - wide, sizes)) & (keys <= np.repeat(base + high + wide, sizes))
+        ]
         # An orthonormal projection never lengthens a difference: |P(x - q)| <= |x - q|.
         # The stored projections are rounded to 1/8, so each is within PROJECTION_SLACK of the truth.
         difference = self._projected[positions].astype(np.float32) - projected
