@@ -63,6 +63,9 @@ SLACK = 0.01
 distances are off by far less than this."""
 SCAN_FRACTION = 0.2
 """A query whose candidates exceed this share of the vectors is answered by a scan."""
+CELLS_FRACTION = 0.6
+"""A query whose cells left after the pivot bounds hold more than this share of the vectors is
+answered by a scan without checking their members one by one."""
 _CELL_SPAN = 8192.0
 """Sort keys are ``fine cell * _CELL_SPAN + r``; ``r`` never exceeds sqrt(144 * 255^2) < 3060."""
 _CHUNK = 262_144
@@ -366,7 +369,7 @@ class PrunedL2Index:
             return np.empty(0, dtype=np.int64)
         starts, stops = self._fine_offsets[fine], self._fine_offsets[fine + 1]
         sizes = stops - starts
-        if not forced and int(sizes.sum()) > SCAN_FRACTION * len(self._codes):
+        if not forced and int(sizes.sum()) > CELLS_FRACTION * len(self._codes):
             return None
         # Cells are small: checking every member's stored radius beats a binary search per cell.
         positions = _ranges(starts, stops)
@@ -375,6 +378,8 @@ class PrunedL2Index:
         positions = positions[
             (keys >= np.repeat(base + low - wide, sizes)) & (keys <= np.repeat(base + high + wide, sizes))
         ]
+        if not forced and len(positions) > SCAN_FRACTION * len(self._codes):
+            return None
         # An orthonormal projection never lengthens a difference: |P(x - q)| <= |x - q|.
         # The stored projections are rounded to 1/8, so each is within PROJECTION_SLACK of the truth.
         difference = self._projected[positions].astype(np.float32) - projected
