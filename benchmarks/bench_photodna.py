@@ -49,10 +49,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .common import DOCS, memory_of
+from .common import DOCS, memory_of, write_section
 
-START_MARKER = "<!-- bench_photodna:start -->"
-END_MARKER = "<!-- bench_photodna:end -->"
 ENGINES = ("hashfed", "faiss-flat")
 WIDTH = 144
 LATENT = 12
@@ -248,9 +246,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_docs(
-    path: Path, command: str, rows: list[dict[str, Any]], seconds: float, args: argparse.Namespace
-) -> None:
+def write_docs(command: str, rows: list[dict[str, Any]], seconds: float, args: argparse.Namespace) -> None:
     date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     section = f"""### PhotoDNA radius search
 
@@ -271,15 +267,7 @@ rewritten by `--write-docs`.
 
 {table(rows)}
 """
-    block = f"{START_MARKER}\n{section.rstrip()}\n{END_MARKER}\n"
-    text = path.read_text(encoding="utf-8")
-    start, end = text.find(START_MARKER), text.find(END_MARKER)
-    if start != -1 and end > start:
-        text = text[:start] + block + text[end + len(END_MARKER) :].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    path.write_text(text, encoding="utf-8")
-    print(f"wrote {path}", file=sys.stderr)
+    write_section("bench_photodna", section)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -303,9 +291,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(table(rows))
     if args.write_docs:
         command = "python -m benchmarks.bench_photodna " + " ".join(argv)
-        write_docs(
-            DOCS, command.replace(" --write-docs", "").strip(), rows, time.perf_counter() - began, args
-        )
+        write_docs(command.replace(" --write-docs", "").strip(), rows, time.perf_counter() - began, args)
 
 
 if __name__ == "__main__":

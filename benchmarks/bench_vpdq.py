@@ -35,10 +35,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .common import DOCS, memory_of
+from .common import DOCS, memory_of, write_section
 
-START_MARKER = "<!-- bench_vpdq:start -->"
-END_MARKER = "<!-- bench_vpdq:end -->"
 SCENE = 25
 RADIUS = 31
 MIN_QUERY = 80.0
@@ -210,15 +208,7 @@ rewritten by `--write-docs`.
 
 {table(rows)}
 """
-    text = DOCS.read_text(encoding="utf-8")
-    block = f"{START_MARKER}\n{section.rstrip()}\n{END_MARKER}\n"
-    start, end = text.find(START_MARKER), text.find(END_MARKER)
-    if start != -1 and end > start:
-        text = text[:start] + block + text[end + len(END_MARKER) :].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    DOCS.write_text(text, encoding="utf-8")
-    print(f"wrote {DOCS}", file=sys.stderr)
+    write_section("bench_vpdq", section)
 
 
 if __name__ == "__main__":

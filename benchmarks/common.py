@@ -96,3 +96,18 @@ def write_docs_section(name: str, heading: str | None, section: str) -> None:
         title = f"## {heading}\n\n" if heading else ""
         text = text.rstrip("\n") + "\n\n" + title + block + "\n"
     DOCS.write_text(text)
+
+
+def write_section(name: str, section: str) -> None:
+    """Put ``section`` between the ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` markers of
+    docs/benchmarks.md (appended with new markers when they are not there yet)."""
+    start_marker, end_marker = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start_marker}\n{section.rstrip()}\n{end_marker}\n"
+    text = DOCS.read_text(encoding="utf-8")
+    start, end = text.find(start_marker), text.find(end_marker)
+    if start != -1 and end > start:
+        text = text[:start] + block + text[end + len(end_marker) :].lstrip("\n")
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
+    DOCS.write_text(text, encoding="utf-8")
+    print(f"wrote {DOCS}", file=sys.stderr)

@@ -16,6 +16,7 @@ holds a lock so a search never sees a half-applied add or remove.
 from __future__ import annotations
 
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -107,7 +108,7 @@ def check_max_distance(limit: int, max_distance: int) -> None:
         raise ValueError(f"max_distance must be an integer from 0 to {limit}")
 
 
-class _FlatFaissIndex:
+class _FlatFaissIndex(ABC):
     """A FAISS flat index of fixed-width codes that takes adds and removes at once.
 
     FAISS assigns ids sequentially and a flat index cannot drop a code
@@ -134,17 +135,18 @@ class _FlatFaissIndex:
         self._stored = 0
         self._ids: dict[bytes, int] = {}
 
+    @abstractmethod
     def _new_faiss(self) -> Any:
-        raise NotImplementedError
+        """A new, empty FAISS index for these codes."""
 
     def _faiss_add(self, index: Any, codes: Codes) -> None:
         index.add(codes)
 
+    @abstractmethod
     def _within(
         self, batch: Codes, max_distance: int
     ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
         """``(lims, distances, ids)`` of every stored id within ``max_distance`` (lock held)."""
-        raise NotImplementedError
 
     @property
     def stored(self) -> int:
