@@ -142,9 +142,10 @@ class PrunedL2Index:
         for start in range(0, n, _CHUNK):
             chunk = codes[start : start + _CHUNK].astype(np.float64) - self._mean
             scaled[start : start + len(chunk)] = (chunk @ self._directions) * PROJECTION_SCALE
-        coarse, fine = self._cells(scaled, cell_size, coarse_cells or choose_coarse_cells(n), seed)
+        fine, self._coarse_count = self._cells(
+            scaled, cell_size, coarse_cells or choose_coarse_cells(n), seed
+        )
         fine_count = int(fine.max()) + 1
-        self._coarse_count = int(coarse.max()) + 1
         sizes = np.bincount(fine, minlength=fine_count)
         pivots = self._means(codes, fine, fine_count, sizes)
         radius = self._distances_to(codes, pivots, fine)
@@ -191,25 +192,25 @@ class PrunedL2Index:
     @staticmethod
     def _cells(
         reduced: npt.NDArray[np.float32], cell_size: int, coarse_cells: int, seed: int
-    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-        """Coarse and fine cell of each vector; fine cells are numbered coarse cell by coarse cell."""
+    ) -> tuple[npt.NDArray[np.int64], int]:
+        """Each vector's fine cell (numbered densely, coarse cell by coarse cell) and how many coarse cells hold vectors."""
         n = len(reduced)
         coarse = _kmeans_assign(reduced, coarse_cells, seed, sample=coarse_cells * 64)
         by_coarse = np.argsort(coarse, kind="stable")
         bounds = np.concatenate(([0], np.cumsum(np.bincount(coarse, minlength=int(coarse.max()) + 1))))
         fine = np.empty(n, dtype=np.int64)
-        next_fine = 0
+        next_fine = used = 0
         for cell in range(len(bounds) - 1):
             members = by_coarse[bounds[cell] : bounds[cell + 1]]
             if len(members) == 0:
                 continue
+            used += 1
             wanted = max(1, round(len(members) / cell_size))
             local = _kmeans_assign(reduced[members], wanted, seed + cell, sample=wanted * 64)
             _, local = np.unique(local, return_inverse=True)  # number the cells used, densely
             fine[members] = next_fine + local
             next_fine += int(local.max()) + 1
-        _, coarse = np.unique(coarse, return_inverse=True)
-        return coarse.astype(np.int64), fine
+        return fine, used
 
     @staticmethod
     def _means(

@@ -226,6 +226,14 @@ class SqliteTxn:
         self._ordinal += 1
 
 
+def _in_chunks(hashes: Sequence[str], size: int = 500) -> Iterator[tuple[list[str], str]]:
+    """The distinct hashes in chunks small enough for one ``IN (?, …)``, each with its placeholders."""
+    unique = list(dict.fromkeys(hashes))
+    for start in range(0, len(unique), size):
+        chunk = unique[start : start + size]
+        yield chunk, ",".join("?" * len(chunk))
+
+
 class SqliteStore:
     """The hub's storage in one SQLite file (implements ``HubStore``)."""
 
@@ -412,11 +420,8 @@ class SqliteStore:
     def contents(self, collection: str, signal: str, hashes: Sequence[str]) -> dict[str, bytes]:
         """The content kept beside listed hashes of a type that has one (a video's frames)."""
         found: dict[str, bytes] = {}
-        unique = list(dict.fromkeys(hashes))
         with self._read() as conn:
-            for start in range(0, len(unique), 500):
-                chunk = unique[start : start + 500]
-                marks = ",".join("?" * len(chunk))
+            for chunk, marks in _in_chunks(hashes):
                 rows = conn.execute(
                     f"SELECT hash, content FROM contents WHERE collection = ? AND type = ? AND hash IN ({marks})",
                     (collection, signal, *chunk),
@@ -427,11 +432,8 @@ class SqliteStore:
     def details(self, collection: str, signal: str, hashes: Sequence[str]) -> dict[str, ListingDetail]:
         """Submitters, labels, first index and opinion counts of listed hashes."""
         result: dict[str, ListingDetail] = {}
-        unique = list(dict.fromkeys(hashes))
         with self._read() as conn:
-            for start in range(0, len(unique), 500):
-                chunk = unique[start : start + 500]
-                marks = ",".join("?" * len(chunk))
+            for chunk, marks in _in_chunks(hashes):
                 listing_rows = conn.execute(
                     f"SELECT hash, member, labels, since FROM listings WHERE collection = ? AND type = ? AND hash IN ({marks})",
                     (collection, signal, *chunk),
