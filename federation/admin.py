@@ -7,16 +7,19 @@ sees the new entries on its next request.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from .config import ConfigError, DataDir, HubConfig
+from .durable import make_private_directory, write_atomically
 from .envelope import Grant
 from .hub.server import open_node
 from .keys import SignerKey, VerifierKey, check_collection_name, check_name, write_signer_file
 from .node import Accepted
 from .state import KeyRecord
 from .store.base import StoreError
+from .store.storage_faults import free_bytes, is_read_only
 
 
 def init_hub(path: Path, *, name: str, federation: str, collection: str) -> VerifierKey:
@@ -27,12 +30,11 @@ def init_hub(path: Path, *, name: str, federation: str, collection: str) -> Veri
     data = DataDir(path)
     if data.config_file.exists():
         raise ConfigError(f"{path} is already a hub data directory")
-    path.mkdir(parents=True, exist_ok=True)
-    path.chmod(0o700)
+    make_private_directory(path)
     signer = SignerKey.generate(name)
     write_signer_file(signer, data.signer_file)
-    data.verifier_file.write_text(signer.verifier.encode() + "\n")
-    data.config_file.write_text(HubConfig(name=name, federation=federation).to_toml())
+    write_atomically(data.verifier_file, signer.verifier.encode() + "\n")
+    write_atomically(data.config_file, HubConfig(name=name, federation=federation).to_toml())
     add_collection(data, collection)
     return signer.verifier
 
@@ -71,12 +73,44 @@ def list_members(data: DataDir) -> list[tuple[str, KeyRecord]]:
 
 def rebuild(data: DataDir) -> dict[str, int]:
     """Replay every collection's log into a fresh projection; return entries replayed per collection."""
+    check_room_to_rebuild(data)
     # Index snapshots derive from the projection about to be rebuilt: drop them first
     # (a crash mid-way must not leave old ones), and the next start builds afresh.
-    for snapshot in data.index_dir.glob("*.pdq.*"):
-        snapshot.unlink()
+    for snapshot in [*data.index_dir.glob("*.npy"), *data.index_dir.glob("*.json")]:
+        snapshot.unlink(missing_ok=True)
     node = open_node(data, searchable=False)
     try:
         return {collection: node.rebuild(collection) for collection in node.collections()}
     finally:
         node.store.close()
+
+
+def check_room_to_rebuild(data: DataDir) -> None:
+    """Refuse to start a rebuild that cannot finish: before anything is deleted or rewritten.
+
+    The rebuild rewrites every projection table in one transaction, whose WAL
+    can grow as large as the database; that much must be free above the
+    ``min_free_bytes`` reserve.
+    """
+    if is_read_only(data.path) or not os.access(data.path, os.W_OK):
+        raise ConfigError(
+            f"{data.path} is read-only; `hashfed rebuild` needs to write there; nothing was changed"
+        )
+    database = data.database
+    needed = sum(_size(path) for path in (database, database.with_name(database.name + "-wal")))
+    reserve = data.config().min_free_bytes
+    free = free_bytes(data.path)
+    if free - reserve < needed:
+        raise ConfigError(
+            f"`hashfed rebuild` may need up to {needed:,} bytes for its transaction, but the disk holding "
+            f"{data.path} has {free:,} bytes free (and keeps {reserve:,} in reserve, min_free_bytes); "
+            "free space first; nothing was changed"
+        )
+
+
+def _size(path: Path) -> int:
+    """A file's size, 0 if it is not there (SQLite removes its WAL when the last connection closes)."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0

@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 from . import __version__, admin
+from .checkpoint_record import HistoryMismatch
 from .cli_output import HELP, Progress, index_range, lookup_table, members_table, plural
 from .client import HubClient, HubError
 from .config import ConfigError, DataDir
+from .durable import write_atomically
 from .envelope import RIGHTS, VERDICTS, Addition, Grant, OpinionItem, Removal
 from .hashfile import HashCollector, HashFileError
 from .keys import KEY_ID_PATTERN, KeyFormatError, SignerKey, VerifierKey, load_signer_file, write_signer_file
@@ -23,7 +25,8 @@ from .payloads import query_json
 from .signals import SIGNAL_TYPES, SignalError, signal_type
 from .signals.pdq import MAX_DISTANCE_LIMIT as REQUEST_MAX_DISTANCE_LIMIT
 from .state import Refusal
-from .store.base import StoreError
+from .store.base import StorageUnavailable, StoreError
+from .tls import add_tls_options, client_tls
 
 MAX_BATCH = 100_000
 MAX_QUERIES = 10_000
@@ -74,6 +77,7 @@ def _member_options(parser: argparse.ArgumentParser, *, collection: bool = True)
         default=os.environ.get("HASHFED_KEY"),
         help="your signer key file, from `hashfed keygen` (default: $HASHFED_KEY)",
     )
+    add_tls_options(parser)
     if collection:
         parser.add_argument("--collection", metavar="NAME", required=True, help="collection name")
     parser.add_argument(
@@ -94,7 +98,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
             raise UsageError(f"{path} already exists; refusing to overwrite it (choose another --out)")
     signer = SignerKey.generate(args.name)
     write_signer_file(signer, out)
-    public.write_text(signer.verifier.encode() + "\n")
+    write_atomically(public, signer.verifier.encode() + "\n", mode=0o644)
     print(f"wrote signer key {out} (mode 0600: keep it secret) and verifier key {public}", file=sys.stderr)
     print(signer.verifier.encode())
     return 0
@@ -198,7 +202,7 @@ def _with_client(args: argparse.Namespace, work: Callable[[HubClient], Awaitable
     signer = load_signer_file(Path(args.key))
 
     async def run() -> T:
-        async with HubClient(args.hub, signer) as client:
+        async with HubClient(args.hub, signer, tls=client_tls(args)) as client:
             return await work(client)
 
     return asyncio.run(run())
@@ -506,8 +510,12 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(_hub_message(exc), 1)
     except Refusal as exc:
         return _fail(f"refused: {exc.detail}", 1)
+    except StorageUnavailable as exc:
+        return _fail(str(exc), 1)
     except StoreError as exc:
         return _fail(f"the hub's database failed a check: {exc}", 1)
+    except HistoryMismatch as exc:
+        return _fail(f"refusing to serve: {exc}", 1)
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
 

@@ -15,8 +15,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -40,6 +41,7 @@ from .envelope import (
 )
 from .httpsig import sign_request
 from .keys import SignerKey
+from .tls import ClientTls
 
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 
@@ -105,8 +107,14 @@ def _check_coding(response: aiohttp.ClientResponse, what: str) -> None:
         )
 
 
-def new_client_session(timeout: aiohttp.ClientTimeout, **kwargs: Any) -> aiohttp.ClientSession:
-    """A session that never decompresses answers: :func:`read_limited` bounds the bytes as sent."""
+def new_client_session(
+    timeout: aiohttp.ClientTimeout, tls: ClientTls | None = None, **kwargs: Any
+) -> aiohttp.ClientSession:
+    """A session that never decompresses answers (:func:`read_limited` bounds the bytes as sent),
+    verifying ``https://`` hubs against the system's CAs or ``tls.ca``."""
+    context = tls.context() if tls is not None else None
+    if context is not None:
+        kwargs["connector"] = aiohttp.TCPConnector(ssl=context)
     return aiohttp.ClientSession(timeout=timeout, auto_decompress=False, **kwargs)
 
 
@@ -115,6 +123,15 @@ class Submitted:
     index: int
     leaf_hash: bytes
     created: bool
+
+
+_STALE_SEQ = re.compile(r"is not greater than (\d+), the last seq accepted")
+
+
+def _last_accepted_seq(exc: HubError) -> int | None:
+    """The last seq a ``stale-seq`` refusal says the hub accepted from this key, or None."""
+    match = _STALE_SEQ.search(exc.detail) if exc.kind.rpartition(":")[2] == "stale-seq" else None
+    return int(match.group(1)) if match else None
 
 
 def next_seq() -> int:
@@ -131,15 +148,20 @@ class HubClient:
         session: aiohttp.ClientSession | None = None,
         retries: int = 4,
         timeout: float = 120.0,
+        tls: ClientTls | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.signer = signer
         self._base_path = urlsplit(self.base_url).path
         self._own_session = session is None
-        self._session = session or new_client_session(aiohttp.ClientTimeout(total=timeout))
+        self._session = session or new_client_session(aiohttp.ClientTimeout(total=timeout), tls)
         self.retries = retries
         self._info: dict[str, Any] | None = None
         self._last_seq = 0
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        return self._session
 
     async def __aenter__(self) -> HubClient:
         return self
@@ -182,6 +204,12 @@ class HubClient:
                 response = await self._session.request(
                     method, URL(url, encoded=True), data=body, headers=headers
                 )
+            except aiohttp.ClientConnectorCertificateError as exc:  # retrying cannot help
+                raise HubError(
+                    0,
+                    f"the TLS certificate of {self.base_url} did not verify ({exc.certificate_error}); "
+                    "for a hub with a private certificate authority, give its CA file with --ca",
+                ) from exc
             except (TimeoutError, aiohttp.ClientConnectionError) as exc:
                 if attempt == self.retries:
                     reason = str(exc) or ("timeout" if isinstance(exc, TimeoutError) else type(exc).__name__)
@@ -254,16 +282,41 @@ class HubClient:
         removals: Sequence[Removal] = (),
     ) -> Submitted:
         """Sign one batch and post it (retries re-send the same envelope)."""
-        signer = self._member()
-        payload = batch_payload(
-            await self._header(collection), signer.name, tuple(additions), tuple(removals)
+        name = self._member().name
+        return await self._sign_and_post(
+            collection,
+            BATCH_TYPE,
+            lambda header: batch_payload(header, name, tuple(additions), tuple(removals)),
         )
-        return await self.post_envelope(collection, sign_envelope(signer, BATCH_TYPE, payload))
 
     async def give_opinions(self, collection: str, opinions: Sequence[OpinionItem]) -> Submitted:
+        name = self._member().name
+        return await self._sign_and_post(
+            collection, OPINION_TYPE, lambda header: opinion_payload(header, name, tuple(opinions))
+        )
+
+    async def _sign_and_post(
+        self, collection: str, payload_type: str, payload: Callable[[Header], bytes]
+    ) -> Submitted:
+        """Sign a payload under a fresh header and post it; once more above the hub's seq if it was stale.
+
+        Seqs come from the clock. A clock that ran ahead and was set back
+        gives seqs below ones the hub already accepted from this key; the hub
+        refuses them (``stale-seq``) naming the last accepted seq, and the
+        envelope is signed again above it. The refused envelope was not
+        appended, so re-signing cannot submit anything twice.
+        """
         signer = self._member()
-        payload = opinion_payload(await self._header(collection), signer.name, tuple(opinions))
-        return await self.post_envelope(collection, sign_envelope(signer, OPINION_TYPE, payload))
+        for attempt in (1, 2):
+            envelope = sign_envelope(signer, payload_type, payload(await self._header(collection)))
+            try:
+                return await self.post_envelope(collection, envelope)
+            except HubError as exc:
+                accepted = _last_accepted_seq(exc)
+                if accepted is None or attempt == 2:
+                    raise
+                self._last_seq = max(self._last_seq, accepted)
+        raise AssertionError("unreachable")
 
     async def lookup(
         self,

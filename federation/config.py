@@ -7,6 +7,7 @@ Layout::
     DIR/hub.pub       the hub's verifier key (give it to members and peers)
     DIR/hub.sqlite3   the log and its projection (SQLite, WAL)
     DIR/index/        snapshots of the PDQ and PhotoDNA indexes (derived from the log; safe to delete)
+    DIR/signed/       the last checkpoint signed per collection (back it up with the database)
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ SIGNER_FILE = "hub.key"
 VERIFIER_FILE = "hub.pub"
 DATABASE_FILE = "hub.sqlite3"
 INDEX_DIR = "index"
+SIGNED_DIR = "signed"
 
 
 class ConfigError(ValueError):
@@ -54,6 +56,10 @@ class PeerConfig:
     """Seconds between polls while in step; after failures up to 32 times longer (at most 5 minutes)."""
     timeout: float = 60.0
     """Seconds any one request to the peer may take."""
+    ca: str = ""
+    """PEM file of the CA of an ``https://`` peer's certificate, if not a public one."""
+    client_cert: str = ""
+    """PEM file with this hub's TLS client certificate and key, for a peer that requires mutual TLS."""
 
     def origin_key(self, collection: str) -> str:
         """The verifier key that signs ``collection``'s checkpoints (validated at load)."""
@@ -74,6 +80,9 @@ class PeerConfig:
             lines.append(f"relay_keys = [{', '.join(quoted(k) for k in self.relay_keys)}]")
         lines.append(f"interval = {self.interval!r}")
         lines.append(f"timeout = {self.timeout!r}")
+        for name in ("ca", "client_cert"):
+            if getattr(self, name):
+                lines.append(f"{name} = {quoted(getattr(self, name))}")
         return "\n".join(lines) + "\n"
 
 
@@ -88,8 +97,8 @@ def _peer(raw: Any, position: int, source: str, base: Path | None) -> PeerConfig
     for name in ("url", "key", "member_key", "collections"):
         if name not in raw:
             raise ConfigError(f"{where}: missing setting {name!r}")
-    for name in ("url", "key", "member_key"):
-        if not isinstance(raw[name], str):
+    for name in ("url", "key", "member_key", "ca", "client_cert"):
+        if not isinstance(raw.get(name, ""), str):
             raise ConfigError(f"{where}: {name} must be a string")
     if not raw["url"].startswith(("http://", "https://")):
         raise ConfigError(f"{where}: url {raw['url']!r} is not an http:// or https:// URL")
@@ -120,17 +129,24 @@ def _peer(raw: Any, position: int, source: str, base: Path | None) -> PeerConfig
                 f"{where}: collection {collection!r} is relayed from hub {hub!r}: "
                 f"add that hub's verifier key to relay_keys"
             )
-    member_key = Path(raw["member_key"])
-    if base is not None and not member_key.is_absolute():
-        member_key = base / member_key
+
+    def beside(name: str) -> str:
+        """A file setting, relative to the data directory unless absolute ("" stays "")."""
+        path = Path(raw.get(name, ""))
+        if not raw.get(name):
+            return ""
+        return str(base / path if base is not None and not path.is_absolute() else path)
+
     return PeerConfig(
         url=raw["url"].rstrip("/"),
         key=raw["key"],
-        member_key=str(member_key),
+        member_key=beside("member_key"),
         collections=tuple(raw["collections"]),
         relay_keys=tuple(raw.get("relay_keys", [])),
         interval=float(raw.get("interval", PeerConfig.interval)),
         timeout=float(raw.get("timeout", PeerConfig.timeout)),
+        ca=beside("ca"),
+        client_cert=beside("client_cert"),
     )
 
 
@@ -162,6 +178,7 @@ _SECONDS_OR_RATES = frozenset(
     }
 )
 """Settings that take a number, integer or not; every other number setting is an integer."""
+_STRING_SETTINGS = frozenset({"name", "federation", "host", "tls_cert", "tls_key", "tls_client_ca"})
 _POSITIVE = (
     "max_connections",
     "keepalive_timeout_seconds",
@@ -177,6 +194,7 @@ _POSITIVE = (
     "entries_page_bytes",
 )
 _NON_NEGATIVE = (
+    "min_free_bytes",
     "min_send_bytes_per_second",
     "min_body_bytes_per_second",
     "max_queued",
@@ -233,6 +251,14 @@ class HubConfig:
     """Bytes of entries in one JSON page or NDJSON chunk (at least one entry); ``next`` says where to go on."""
     photodna_max_distance: int = 30_000
     """Default squared Euclidean distance for PhotoDNA queries that give none (0-9,363,600)."""
+    min_free_bytes: int = 64 * 1024 * 1024
+    tls_cert: str = ""
+    """PEM certificate chain the hub serves HTTPS with (relative to the data directory); empty: plain HTTP."""
+    tls_key: str = ""
+    """PEM private key of ``tls_cert``."""
+    tls_client_ca: str = ""
+    """PEM CA file: when set, callers must show a client certificate it issued (mutual TLS)."""
+    """Writes are refused (507 ``storage-full``) while the data directory's disk has less free; 0 = off."""
     peers: tuple[PeerConfig, ...] = ()
 
     def __post_init__(self) -> None:
@@ -245,6 +271,12 @@ class HubConfig:
         for name in _NON_NEGATIVE:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be 0 or more, got {getattr(self, name)!r}")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("tls_cert and tls_key go together: set both to serve HTTPS, or neither")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ConfigError(
+                "tls_client_ca asks callers for certificates over TLS: set tls_cert and tls_key too"
+            )
         if not 0 <= self.photodna_max_distance <= PHOTODNA_MAX_DISTANCE_LIMIT:
             raise ConfigError(
                 f"photodna_max_distance must be from 0 to {PHOTODNA_MAX_DISTANCE_LIMIT:,}, "
@@ -297,7 +329,7 @@ class HubConfig:
             if key in _SECONDS_OR_RATES and isinstance(value, int | float) and not isinstance(value, bool):
                 raw[key] = float(value)
                 continue
-            expected = str if key in ("name", "federation", "host") else int
+            expected = str if key in _STRING_SETTINGS else int
             if not isinstance(value, expected) or isinstance(value, bool):
                 raise ConfigError(f"{source}: {key} must be a {expected.__name__}")
         check_name(raw["name"])
@@ -332,6 +364,11 @@ class DataDir:
     def index_dir(self) -> Path:
         """Snapshots of the large index segments; derived data, safe to delete."""
         return self.path / INDEX_DIR
+
+    @property
+    def signed_dir(self) -> Path:
+        """The last checkpoint signed per collection: what the hub has published and must extend."""
+        return self.path / SIGNED_DIR
 
     def check(self) -> None:
         if not self.config_file.exists():

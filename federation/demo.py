@@ -30,6 +30,7 @@ from .checkpoint import CheckpointError, open_note
 from .client import HubClient, HubError
 from .config import ConfigError, DataDir
 from .demo_data import BRIDGE, FEDERATION, HUB_NAME, MAIN, SECOND, AuditError, LogAudit
+from .durable import write_atomically
 from .envelope import Addition, Grant, OpinionItem, Removal
 from .hub import create_app, open_node
 from .keys import KeyFormatError, SignerKey, VerifierKey, load_signer_file, write_signer_file
@@ -134,7 +135,7 @@ def prepare_keys(keys_dir: Path) -> list[DemoMember]:
             status = "new, old .pub replaced" if pub_file.exists() else "new"
             signer = SignerKey.generate(name)
             write_signer_file(signer, key_file)
-        pub_file.write_text(signer.verifier.encode() + "\n")
+        write_atomically(pub_file, signer.verifier.encode() + "\n", mode=0o644)
         members.append(DemoMember(name, signer, rights, key_file, status))
     return members
 
@@ -143,7 +144,7 @@ def prepare_hub(data: DataDir, members: Sequence[DemoMember], port: int) -> tupl
     """Create the hub, its two collections and the grants; return its key and the grant indexes."""
     hub_key = admin.init_hub(data.path, name=HUB_NAME, federation=FEDERATION, collection=MAIN)
     if port:  # so that `hashfed serve DATA` listens where the demo did
-        data.config_file.write_text(dataclasses.replace(data.config(), port=port).to_toml())
+        write_atomically(data.config_file, dataclasses.replace(data.config(), port=port).to_toml())
     admin.add_collection(data, SECOND)
     grants = [Grant(m.signer.verifier, m.rights) for m in members]
     indexes = [admin.change_membership(data, c, grant=grants).entry.index for c in (MAIN, SECOND)]

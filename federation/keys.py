@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import os
 import re
 import stat
 from dataclasses import dataclass
@@ -29,6 +28,8 @@ from cryptography.hazmat.primitives.serialization import (
     PrivateFormat,
     PublicFormat,
 )
+
+from .durable import write_atomically
 
 ALG_ED25519 = 0x01
 NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -186,15 +187,7 @@ def write_signer_file(key: SignerKey, path: Path, *, overwrite: bool = False) ->
     if path.exists() and not overwrite:
         raise KeyFormatError(f"{path} already exists; refusing to overwrite a signer key")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(key.encode() + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
+    write_atomically(path, key.encode() + "\n")
 
 
 def load_signer_file(path: Path) -> SignerKey:

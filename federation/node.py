@@ -15,6 +15,7 @@ from pathlib import Path
 
 from . import merkle
 from .checkpoint import Checkpoint
+from .checkpoint_record import RECOVERY_HINT, CheckpointRecord, HistoryMismatch, check_extends
 from .envelope import (
     MEMBERSHIP_TYPE,
     Envelope,
@@ -55,6 +56,22 @@ class NoCheckpointYet(LookupError):
             f"mirrored collection {collection} has not reached a verified checkpoint yet; retry shortly"
         )
         self.collection = collection
+
+
+class NotYetSearchable(RuntimeError):
+    """An entry was appended durably, but the index could not be caught up to it.
+
+    The append stands (it is in the log and will be indexed once the cause
+    is gone); the caller must be told so, not that nothing changed.
+    """
+
+    def __init__(self, collection: str, entry: EntryRecord, cause: BaseException) -> None:
+        super().__init__(
+            f"entry {entry.index} was appended to the log of {collection} and is durable, but the hub "
+            f"could not make it searchable yet ({cause}); resubmitting the same envelope answers "
+            "this entry once it is"
+        )
+        self.entry = entry
 
 
 @dataclass(frozen=True)
@@ -101,6 +118,7 @@ class Node:
         signer: SignerKey | None = None,
         limits: Limits | None = None,
         index_dir: Path | None = None,
+        signed_dir: Path | None = None,
         searchable: bool = True,
     ) -> None:
         self.store = store
@@ -113,6 +131,8 @@ class Node:
         self.searchable = searchable
         """False for a node that only writes (admin commands): it keeps no search index,
         and a serving hub catches its own index up from the store."""
+        self.signed = CheckpointRecord(signed_dir, hub_key)
+        """The last checkpoint signed per collection, kept outside the database (None: in memory)."""
         self._checkpoints: dict[str, tuple[int, str]] = {}
         self._checkpoint_lock = threading.Lock()
 
@@ -131,6 +151,27 @@ class Node:
         if source is not None:
             return source_context(source)
         return LogContext(self.federation, collection, self.hub_key)
+
+    def check_signed_history(self) -> None:
+        """Refuse to go on if any own collection's log contradicts a checkpoint this hub signed.
+
+        Run at start, before serving: a log shorter than the last signed
+        checkpoint, or with a different root at that size, raises
+        :class:`HistoryMismatch` saying what was found and how to recover.
+        """
+        for collection in self.own_collections():
+            last = self.signed.last(collection)
+            if last is None:
+                continue
+            size = self.store.log_size(collection)
+            reader = _Reader(self.store, collection)
+            try:
+                root = merkle.root(reader, size)
+            except StoreError as exc:
+                raise HistoryMismatch(
+                    f"collection {collection}: the stored tree cannot be read ({exc}); {RECOVERY_HINT}"
+                ) from exc
+            check_extends(collection, last, size, root, reader)
 
     def load(self) -> None:
         """Build every collection's indexes (startup; ``/v1/ready`` waits for this)."""
@@ -162,6 +203,7 @@ class Node:
         leaf = merkle.leaf_hash(data)
         existing = self.store.entry_by_leaf(collection, leaf)
         if existing is not None:
+            self._make_searchable(collection, existing)
             return Accepted(existing, created=False)
         if self.store.source(collection) is not None:
             raise Refusal(
@@ -192,11 +234,20 @@ class Node:
             # and the answer is the original entry, as for any exact resubmission.
             existing = self.store.entry_by_leaf(collection, prepared.leaf)
             if existing is not None:
+                self._make_searchable(collection, existing)
                 return Accepted(existing, created=False)
             raise
-        if self.searchable:
-            self.indexes.catch_up(collection)
+        self._make_searchable(collection, entry)
         return Accepted(entry, created=True)
+
+    def _make_searchable(self, collection: str, entry: EntryRecord) -> None:
+        """Catch the index up past ``entry`` before it is acknowledged (design §6)."""
+        if not self.searchable:
+            return
+        try:
+            self.indexes.catch_up(collection)
+        except Exception as exc:
+            raise NotYetSearchable(collection, entry, exc) from exc
 
     def create_collection(self, collection: str, grants: Sequence[Grant] = ()) -> Accepted:
         """Create a collection with its first entry: a membership entry signed by the hub."""
@@ -323,7 +374,13 @@ class Node:
     # ---- the read path --------------------------------------------------
 
     def checkpoint(self, collection: str) -> str:
-        """The latest signed checkpoint, re-signed only when the log has grown."""
+        """The latest signed checkpoint, re-signed only when the log has grown.
+
+        Before signing, the stored log is proven to extend the last checkpoint
+        this hub signed (:mod:`federation.checkpoint_record`), and the new
+        note is recorded durably before it is returned; a log that does not
+        extend it raises :class:`HistoryMismatch` and nothing is signed.
+        """
         source = self.store.source(collection)
         if source is not None:  # the origin hub's note, as verified: never re-signed here
             if source.checkpoint is None:
@@ -336,8 +393,14 @@ class Node:
             cached = self._checkpoints.get(collection)
             if cached and cached[0] == size:
                 return cached[1]
-            root = merkle.root(_Reader(self.store, collection), size)
-            note = Checkpoint(f"{self.name}/{collection}", size, root).sign(self.signer)
+            reader = _Reader(self.store, collection)
+            with self.signed.locked():
+                last = self.signed.last(collection)
+                root = merkle.root(reader, size)
+                check_extends(collection, last, size, root, reader)
+                note = Checkpoint(f"{self.name}/{collection}", size, root).sign(self.signer)
+                if last is None or last.size != size:
+                    self.signed.remember(collection, note)
             self._checkpoints[collection] = (size, note)
             return note
 

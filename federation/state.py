@@ -188,7 +188,10 @@ def check_entry(envelope: Envelope, payload: Payload, context: LogContext, view:
         raise Refusal(
             409,
             "stale-seq",
-            f"seq {header.seq} is not greater than {last}, the last seq accepted from {key_id}; sign a new envelope with a higher seq",
+            f"seq {header.seq} is not greater than {last}, the last seq accepted from {key_id}; "
+            "sign a new envelope with a higher seq (the hashfed client takes seq from the clock, "
+            "in microseconds, so a clock that ran ahead and was set back gives lower ones; "
+            "it re-signs above the last accepted seq by itself)",
         )
     if isinstance(payload, BatchPayload):
         for removal in payload.remove:

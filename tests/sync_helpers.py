@@ -163,6 +163,23 @@ async def run_cli(*argv: str) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
+def mirror_argv(url: str, key: Path, pin: str, directory: Path, *extra: str) -> tuple[str, ...]:
+    """``hashfed mirror`` of collection ``main`` from ``url``, read with the member key file ``key``."""
+    return (
+        "mirror",
+        "--hub",
+        url,
+        "--key",
+        str(key),
+        "--collection",
+        COLLECTION,
+        "--pin",
+        pin,
+        *extra,
+        str(directory),
+    )
+
+
 def mirror_size(path: Path) -> int:
     """Entries in a mirror directory's log (0 before its first verified span)."""
     node = MirrorDir(path).open_node()
@@ -213,7 +230,8 @@ FORWARDED = ("Accept", "Content-Type", "Signature-Input", "Signature", "Content-
 
 
 class Proxy:
-    """An HTTP proxy in front of a real hub: passes through, or goes down, slow, garbled or tampering."""
+    """An HTTP proxy in front of a real hub: passes through, or goes down, slow, garbled or tampering,
+    or cuts entries answers short (``reset`` the connection or ``stall`` after half the body)."""
 
     def __init__(self, upstream: str) -> None:
         self.upstream = upstream
@@ -260,7 +278,25 @@ class Proxy:
             status, content_type = answer.status, answer.content_type
         if self.mutate is not None and status == 200:
             data = self.mutate(request.path_qs, data)
+        if self.mode in ("reset", "stall") and request.path.endswith("/entries") and len(data) > 1:
+            return await self._cut_short(request, status, content_type, data)
         return web.Response(status=status, body=data, content_type=content_type)
+
+    async def _cut_short(
+        self, request: web.Request, status: int, content_type: str, data: bytes
+    ) -> web.StreamResponse:
+        """Send the headers and half the body, then reset the connection or go silent."""
+        response = web.StreamResponse(status=status, headers={"Content-Type": content_type})
+        response.content_length = len(data)
+        await response.prepare(request)
+        await response.write(data[: len(data) // 2])
+        if self.mode == "stall":
+            await asyncio.sleep(self.delay)
+        else:
+            transport = request.transport
+            assert transport is not None
+            transport.abort()
+        return response
 
 
 def tamper_entry(index: int, change: Callable[[dict[str, Any]], None]) -> Mutator:

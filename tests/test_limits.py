@@ -428,3 +428,27 @@ async def test_payload_and_lookup_limits_follow_hub_toml(federation: Any) -> Non
         problem = assert_problem(await hub.lookup(queries), 400, "too-many-queries")
         assert "at most 3" in problem["detail"]
         assert len((await hub.lookup(queries[:3])).json()["results"]) == 3
+
+
+@pytest.mark.parametrize(
+    ("request_head", "said"),
+    [
+        (b"GET /v1/hub HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n", "too long"),
+        (b"POST /v1/lookup HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n", "Content-Length"),
+        (b"GET /v1/hub HTTP/1.1\r\nHost: x\r\nBad Header Name: 1\r\n\r\n", "not valid HTTP/1.1"),
+    ],
+)
+async def test_requests_aiohttp_cannot_parse_are_answered_as_problems(
+    federation: Any, request_head: bytes, said: str
+) -> None:
+    async with serving(federation) as served:
+        reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
+        try:
+            writer.write(request_head)
+            await writer.drain()
+            raw = await asyncio.wait_for(reader.read(), 5)
+        finally:
+            writer.close()
+        reply = parse_reply(raw)
+        body = assert_problem(reply, 400, "http-error")
+        assert said in body["detail"]

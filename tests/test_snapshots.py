@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from federation.config import DataDir
@@ -71,4 +73,39 @@ def test_an_unusable_snapshot_is_ignored(federation: Federation) -> None:
     reopened = open_node(federation.data)
     reopened.load()
     assert _answers(reopened, [pdq(1)]) == [[(pdq(1), 0)]]
+    reopened.store.close()
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("position", "log size"),
+        ("count", 1),
+        ("collection", "other"),
+        ("format", 1),
+        ("codes_sha256", "0" * 64),
+    ],
+)
+def test_a_damaged_metadata_field_makes_the_snapshot_ignored(
+    federation: Federation, field: str, value: object
+) -> None:
+    """A ``position`` moved forward would otherwise skip the listing changes after the real one."""
+    node = open_node(federation.data)
+    node.load()
+    early = [pdq(seed) for seed in range(50)]
+    later = [pdq(500 + seed) for seed in range(300)]
+    _submit(node, federation, "acme", early)
+    node.indexes.snapshot_all()
+    _submit(node, federation, "beta", later)
+    size = node.store.log_size("main")
+    node.store.close()
+    for meta_path in federation.data.index_dir.glob("main.*.json"):  # each type's snapshot alike
+        meta = json.loads(meta_path.read_text())
+        meta[field] = size if value == "log size" else value
+        meta_path.write_text(json.dumps(meta))
+
+    reopened = open_node(federation.data)
+    reopened.load()
+    assert reopened.indexes.size("main")["pdq"] == 350
+    assert all(answer == [(h, 0)] for h, answer in zip(later, _answers(reopened, later), strict=True))
     reopened.store.close()

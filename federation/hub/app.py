@@ -21,6 +21,10 @@ from .sending import SendDeadline, StreamSlots, send_deadline_middleware
 
 T = TypeVar("T")
 READER_THREADS = 32
+LOAD_RETRY_SECONDS = (1.0, 60.0)
+"""First and longest wait before loading the indexes again after a failure (doubling in between)."""
+SNAPSHOT_RETRY_SECONDS = 60.0
+"""How often index snapshots that could not be written (a full or read-only disk) are tried again."""
 log = logging.getLogger("hashfed.hub")
 
 
@@ -99,13 +103,15 @@ def create_app(node: Node, config: HubConfig) -> web.Application:
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         loader = asyncio.create_task(_load(runtime))
+        retrier = asyncio.create_task(_retry_snapshots(runtime))
         if runtime.peering is not None:
             await runtime.peering.start()
         yield
         loader.cancel()
+        retrier.cancel()
         if runtime.peering is not None:
             await runtime.peering.stop()
-        if runtime.ready:
+        if runtime.ready:  # failures are logged: a snapshot is an optimisation, never a reason to fail
             await runtime.read(node.indexes.snapshot_all)
         runtime.writer.shutdown(wait=True)
         runtime.readers.shutdown(wait=True)
@@ -132,10 +138,24 @@ async def _authenticate_headers(request: web.Request) -> None:
 
 
 async def _load(runtime: HubRuntime) -> None:
-    try:
-        await runtime.read(runtime.node.load)
-    except Exception:
-        log.exception("loading the indexes failed; the hub stays not ready (GET /v1/ready answers 503)")
-        return
+    """Load the indexes, trying again with growing pauses until it works; then the hub is ready."""
+    pause, longest = LOAD_RETRY_SECONDS
+    while True:
+        try:
+            await runtime.read(runtime.node.load)
+            break
+        except Exception:
+            log.exception(
+                "loading the indexes failed; not ready (GET /v1/ready answers 503); trying again in %.0f s",
+                pause,
+            )
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, longest)
     runtime.ready = True
     log.info("indexes loaded for %d collection(s); ready", len(runtime.node.collections()))
+
+
+async def _retry_snapshots(runtime: HubRuntime) -> None:
+    while True:
+        await asyncio.sleep(SNAPSHOT_RETRY_SECONDS)
+        await runtime.read(runtime.node.indexes.retry_snapshots)

@@ -36,6 +36,7 @@ import asyncio
 import collections
 import json
 import math
+import ssl
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -48,7 +49,7 @@ from aiohttp.typedefs import Handler, Middleware
 
 from ..config import HubConfig
 from ..httpsig import ReplayGuard, VerifiedRequest
-from .problems import PROBLEM_CONTENT_TYPE, PROBLEM_TYPE_PREFIX, Problem
+from .problems import PROBLEM_CONTENT_TYPE, PROBLEM_TYPE_PREFIX, Problem, problem_request_handlers
 
 EXEMPT_PATHS = frozenset({"/v1/health", "/v1/ready"})
 """Probes answer even when every slot is taken: they do no work worth shedding."""
@@ -510,9 +511,16 @@ class LimitedTCPSite(web.BaseSite):
     """aiohttp's TCP site with every connection passed through a :class:`ConnectionLimiter`."""
 
     def __init__(
-        self, runner: web.BaseRunner, host: str, port: int, limiter: ConnectionLimiter, *, backlog: int = 128
+        self,
+        runner: web.BaseRunner,
+        host: str,
+        port: int,
+        limiter: ConnectionLimiter,
+        *,
+        backlog: int = 128,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        super().__init__(runner, backlog=backlog)
+        super().__init__(runner, backlog=backlog, ssl_context=ssl_context)
         self._hub_runner = runner
         self._host = host
         self._port = port
@@ -527,13 +535,19 @@ class LimitedTCPSite(web.BaseSite):
 
     @property
     def name(self) -> str:
-        return f"http://{self._host}:{self.port}"
+        scheme = "https" if self._ssl_context is not None else "http"
+        return f"{scheme}://{self._host}:{self.port}"
 
     async def start(self) -> None:
         await super().start()
         server = self._hub_runner.server
         assert server is not None  # BaseSite refuses a runner that is not set up
-        self.limiter.factory = server
+        self.limiter.factory = problem_request_handlers(server)
         self._server = await asyncio.get_running_loop().create_server(
-            self.limiter.protocol, self._host, self._port, backlog=self._backlog, reuse_address=True
+            self.limiter.protocol,
+            self._host,
+            self._port,
+            backlog=self._backlog,
+            reuse_address=True,
+            ssl=self._ssl_context,
         )

@@ -7,6 +7,11 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.http_exceptions import LineTooLong
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
+
+from ..store.base import StorageUnavailable
 
 PROBLEM_TYPE_PREFIX = "urn:hashfed:problem:"
 PROBLEM_CONTENT_TYPE = "application/problem+json"
@@ -26,7 +31,8 @@ _TITLES = {
     422: "Cannot apply",
     429: "Too many requests",
     500: "Internal error",
-    503: "Not ready",
+    503: "Service unavailable",
+    507: "Insufficient storage",
 }
 
 MAX_BODY = web.AppKey("max_body_bytes", int)
@@ -56,6 +62,26 @@ def problem_response(status: int, kind: str, detail: str) -> web.Response:
     return web.Response(status=status, text=json.dumps(body), content_type=PROBLEM_CONTENT_TYPE)
 
 
+STORAGE_RETRY_AFTER = 60
+"""Seconds a client is asked to wait after a write the hub's storage refused."""
+
+
+def storage_problem(exc: StorageUnavailable) -> Problem:
+    """507 for a full disk (or one below the reserve), 503 for a read-only or failing one."""
+    if exc.reason == "full":
+        return Problem(507, "storage-full", str(exc), retry_after=STORAGE_RETRY_AFTER)
+    if exc.reason == "read-only":
+        return Problem(503, "storage-read-only", str(exc), retry_after=STORAGE_RETRY_AFTER)
+    return Problem(503, "storage-failed", str(exc), retry_after=STORAGE_RETRY_AFTER)
+
+
+def _rendered(exc: Problem) -> web.Response:
+    response = problem_response(exc.status, exc.kind, exc.detail)
+    if exc.retry_after is not None:
+        response.headers["Retry-After"] = str(exc.retry_after)
+    return response
+
+
 def _kind_of(exc: web.HTTPException) -> str:
     return {404: "not-found", 405: "method-not-allowed", 413: "body-too-large"}.get(exc.status, "http-error")
 
@@ -65,10 +91,10 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
     try:
         return await handler(request)
     except Problem as exc:
-        response = problem_response(exc.status, exc.kind, exc.detail)
-        if exc.retry_after is not None:
-            response.headers["Retry-After"] = str(exc.retry_after)
-        return response
+        return _rendered(exc)
+    except StorageUnavailable as exc:
+        logging.getLogger("hashfed.hub").error("storage refused a write: %s", exc)
+        return _rendered(storage_problem(exc))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -86,3 +112,46 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
     except Exception:
         logging.getLogger("hashfed.hub").exception("unhandled error in %s %s", request.method, request.path)
         return problem_response(500, "internal", "the hub failed to handle this request; nothing was changed")
+
+
+class ProblemRequestHandler(RequestHandler):
+    """aiohttp's connection handler, answering what it refuses before any handler runs as a problem.
+
+    Requests aiohttp cannot parse (oversized or malformed headers, a bad
+    ``Content-Length``) never reach the middleware; aiohttp answers them
+    itself in ``text/plain``. This keeps its logging and connection handling
+    and only replaces the body with an RFC 9457 problem.
+    """
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        super().handle_error(request, status, exc, message)  # logs; raises if an answer was already begun
+        if status >= 500:
+            response = problem_response(
+                status, "internal", "the hub failed to handle this request; nothing was changed"
+            )
+        else:
+            if isinstance(exc, LineTooLong):
+                reason = "its request line or a header is too long (the hub reads at most 8190 bytes of each)"
+            else:
+                reason = str(getattr(exc, "message", None) or message or exc or "malformed request")[:200]
+            response = problem_response(
+                status, "http-error", f"the request is not valid HTTP/1.1 and was not read: {reason}"
+            )
+        response.force_close()
+        return response
+
+
+def problem_request_handlers(server: web.Server) -> Callable[[], ProblemRequestHandler]:
+    """A protocol factory like ``server`` itself, whose connections answer parse errors as problems."""
+
+    def make() -> ProblemRequestHandler:
+        # What Server.__call__ does, with the subclass: aiohttp offers no hook for the handler class.
+        return ProblemRequestHandler(server, loop=server._loop, **server._kwargs)
+
+    return make

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import re
 from typing import Any
 
 from aiohttp import web
 
 from .. import __version__
+from ..checkpoint_record import HistoryMismatch
 from ..envelope import Envelope, EnvelopeError, strict_json
 from ..merkle import ProofError
-from ..node import Accepted, NoCheckpointYet, UnknownCollection
+from ..node import Accepted, NoCheckpointYet, NotYetSearchable, UnknownCollection
 from ..signals import (
     SIGNAL_TYPES,
     DistanceError,
@@ -28,6 +30,8 @@ from ..sync.wire import match_json, source_json
 from .app import RUNTIME, HubRuntime
 from .auth import Caller, SignedRequest, authenticate
 from .problems import Problem
+
+log = logging.getLogger("hashfed.hub")
 
 ENTRIES_PAGE_CAP = 1000
 _DECIMAL = re.compile(r"[0-9]{1,18}")
@@ -154,6 +158,9 @@ async def post_entry(request: web.Request) -> web.Response:
         )
     except Refusal as exc:
         raise Problem(exc.status, exc.kind, exc.detail) from exc
+    except NotYetSearchable as exc:
+        log.error("%s", exc)
+        raise Problem(503, "appended-not-indexed", str(exc), retry_after=5) from exc
     return web.json_response(
         {
             "index": accepted.entry.index,
@@ -240,6 +247,9 @@ async def get_checkpoint(request: web.Request) -> web.Response:
         note = await runtime.read(lambda: runtime.node.checkpoint(collection))
     except NoCheckpointYet as exc:
         raise Problem(503, "not-ready", str(exc)) from exc
+    except HistoryMismatch as exc:
+        log.critical("refusing to sign a checkpoint: %s", exc)
+        raise Problem(503, "signing-refused", f"this hub refuses to sign a checkpoint: {exc}") from exc
     return web.Response(text=note, content_type="text/plain", charset="utf-8")
 
 

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import sqlite3
+import ssl
 import sys
 
 from aiohttp import web
 
-from ..config import DataDir, HubConfig
+from ..config import ConfigError, DataDir, HubConfig
+from ..dirlock import DirectoryLock
 from ..node import Node
 from ..store.sqlite import SqliteStore
+from ..store.storage_faults import free_bytes, is_read_only
+from ..tls import server_context
 from .app import create_app
 from .limits import ConnectionLimiter, LimitedTCPSite
 
@@ -22,34 +28,73 @@ def open_node(data: DataDir, *, searchable: bool = True) -> Node:
     """A node on a hub data directory; ``searchable=False`` for writers that never look up."""
     config = data.config()
     signer = data.signer()
+    try:
+        store = SqliteStore(data.database, min_free_bytes=config.min_free_bytes)
+    except sqlite3.Error as exc:
+        raise ConfigError(f"cannot open the hub's database {data.database}: {exc}") from exc
     return Node(
-        SqliteStore(data.database),
+        store,
         name=config.name,
         federation=config.federation,
         hub_key=signer.verifier,
         signer=signer,
         limits=config.limits,
         index_dir=data.index_dir,
+        signed_dir=data.signed_dir,
         searchable=searchable,
     )
 
 
 def serve(data: DataDir, host: str | None = None, port: int | None = None) -> None:
+    """Serve a data directory until SIGINT or SIGTERM; refuse at once, in one line, what cannot work."""
     config = data.config()
+    check_storage_for_serving(data, config)
+    lock = DirectoryLock(data.path)
+    lock.acquire()
     node = open_node(data)
+    node.check_signed_history()
     # Hand the GIL between the event loop and the worker threads every 0.5 ms
     # rather than every 5 ms: with lookups in worker threads, the default
     # interval adds milliseconds of queueing to every request under load.
     sys.setswitchinterval(SWITCH_INTERVAL)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    tls = tls_context(data, config)  # a bad certificate stops the start before anything runs
     app = create_app(node, config)
-    asyncio.run(
-        _serve_until_signalled(app, config, host or config.host, port if port is not None else config.port)
-    )
+    try:
+        asyncio.run(
+            _serve_until_signalled(
+                app, config, host or config.host, port if port is not None else config.port, tls
+            )
+        )
+    finally:
+        lock.release()
+
+
+def check_storage_for_serving(data: DataDir, config: HubConfig) -> None:
+    """A hub must be able to write its log: refuse a read-only or full data directory up front."""
+    if is_read_only(data.path) or not os.access(data.path, os.W_OK):
+        raise ConfigError(
+            f"{data.path} is read-only; the hub writes its log there: remount it read-write "
+            "(or serve a copy of it); nothing was changed"
+        )
+    free = free_bytes(data.path)
+    if free < config.min_free_bytes:
+        raise ConfigError(
+            f"the disk holding {data.path} has {free:,} bytes free, below the hub's reserve of "
+            f"{config.min_free_bytes:,} (min_free_bytes in hub.toml): free space, or lower the reserve"
+        )
+
+
+def tls_context(data: DataDir, config: HubConfig) -> ssl.SSLContext | None:
+    """The hub's TLS context from hub.toml (paths relative to the data directory); None for plain HTTP."""
+    if not config.tls_cert:
+        return None
+    client_ca = data.path / config.tls_client_ca if config.tls_client_ca else None
+    return server_context(data.path / config.tls_cert, data.path / config.tls_key, client_ca)
 
 
 async def start_server(
-    app: web.Application, config: HubConfig, host: str, port: int
+    app: web.Application, config: HubConfig, host: str, port: int, ssl_context: ssl.SSLContext | None = None
 ) -> tuple[web.AppRunner, LimitedTCPSite]:
     """Serve ``app`` on ``host:port`` (0: any free port) with the configured connection limit.
 
@@ -59,7 +104,9 @@ async def start_server(
     """
     runner = web.AppRunner(app)
     await runner.setup()
-    site = LimitedTCPSite(runner, host, port, ConnectionLimiter(config.max_connections))
+    site = LimitedTCPSite(
+        runner, host, port, ConnectionLimiter(config.max_connections), ssl_context=ssl_context
+    )
     try:
         await site.start()
     except BaseException:
@@ -68,11 +115,20 @@ async def start_server(
     return runner, site
 
 
-async def _serve_until_signalled(app: web.Application, config: HubConfig, host: str, port: int) -> None:
+async def _serve_until_signalled(
+    app: web.Application, config: HubConfig, host: str, port: int, tls: ssl.SSLContext | None
+) -> None:
     """Serve until SIGINT or SIGTERM, then finish requests in progress and close everything."""
     log = logging.getLogger("hashfed.hub")
-    runner, site = await start_server(app, config, host, port)
+    runner, site = await start_server(app, config, host, port, tls)
     log.info("serving on %s (at most %d connections)", site.name, config.max_connections)
+    if tls is None:
+        log.warning(
+            "serving plain HTTP: fine on loopback or behind a TLS-terminating proxy; "
+            "set tls_cert and tls_key in hub.toml to serve HTTPS to the open internet"
+        )
+    elif config.tls_client_ca:
+        log.info("callers must show a client certificate issued by %s (mutual TLS)", config.tls_client_ca)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -31,13 +31,14 @@ from urllib.parse import quote
 
 import numpy as np
 
+from ..durable import OWNER_ONLY_FILE, make_private_directory, write_atomically
 from ..signals import SIGNAL_TYPES, Hit, Query, SignalType
 from ..store.base import HubStore
 from .budget import MatchBudget
 from .engines import SearchIndex
 from .segmented import Codes, SegmentedIndex
 
-SNAPSHOT_FORMAT = 1
+SNAPSHOT_FORMAT = 2
 EXTERNAL_POLL_SECONDS = 0.1
 """How often a lookup checks the store for entries written by other processes.
 
@@ -56,8 +57,10 @@ class _CollectionIndexes:
 class SnapshotFiles:
     """``<dir>/<collection>.<type>.npy`` (the live codes) and ``.json`` (their position and checksum).
 
-    Each file is written to a temporary name and renamed into place. The
-    metadata carries a SHA-256 of the codes, so a crash between the two
+    Each file is written to a temporary name, fsynced and renamed into place.
+    The metadata carries a SHA-256 of the codes and a checksum over all of its
+    own fields with it, so a changed ``position`` or ``count`` is detected
+    like changed codes. A crash between the two
     renames, a torn write or a stale pair is detected at load and the snapshot
     ignored (the index is then built from the store). Two saves racing each
     other never leave the older one in place: a save whose position is not
@@ -81,24 +84,24 @@ class SnapshotFiles:
 
     def save(self, collection: str, signal: str, position: int, codes: Codes) -> None:
         codes_path, meta_path = self._paths(collection, signal)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        make_private_directory(self.directory)
         codes = np.ascontiguousarray(codes)
-        meta = {
-            "format": SNAPSHOT_FORMAT,
-            "position": position,
-            "count": len(codes),
-            "sha256": hashlib.sha256(codes.data).hexdigest(),
-        }
+        meta = _sealed(
+            {
+                "format": SNAPSHOT_FORMAT,
+                "collection": collection,
+                "signal": signal,
+                "position": position,
+                "count": len(codes),
+                "codes_sha256": hashlib.sha256(codes.data).hexdigest(),
+            }
+        )
         unique = f".{os.getpid()}.{threading.get_ident()}.tmp"
         codes_tmp = codes_path.with_name(codes_path.name + unique)
-        meta_tmp = meta_path.with_name(meta_path.name + unique)
         try:
-            with open(codes_tmp, "wb") as handle:
+            fd = os.open(codes_tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, OWNER_ONLY_FILE)
+            with os.fdopen(fd, "wb") as handle:
                 np.save(handle, codes, allow_pickle=False)
-                handle.flush()
-                os.fsync(handle.fileno())
-            with open(meta_tmp, "wb") as handle:
-                handle.write(json.dumps(meta).encode())
                 handle.flush()
                 os.fsync(handle.fileno())
             with self._lock:
@@ -107,10 +110,9 @@ class SnapshotFiles:
                 if isinstance(on_disk, int) and on_disk > position:
                     return  # a newer snapshot landed while this one was being written
                 os.replace(codes_tmp, codes_path)
-                os.replace(meta_tmp, meta_path)
+                write_atomically(meta_path, json.dumps(meta))
         finally:
             codes_tmp.unlink(missing_ok=True)
-            meta_tmp.unlink(missing_ok=True)
 
     def load(self, collection: str, signal: str, width: int) -> tuple[int, Codes] | None:
         """The snapshot of a collection's codes of one type, or None if there is none or it is unusable.
@@ -121,27 +123,44 @@ class SnapshotFiles:
         codes_path, meta_path = self._paths(collection, signal)
         for stale in self.directory.glob(f"{quote(collection, safe='')}.{signal}.*.tmp"):
             stale.unlink(missing_ok=True)
+        for stale in self.directory.glob(f".{quote(collection, safe='')}.{signal}.json.*.tmp"):
+            stale.unlink(missing_ok=True)
         meta = self._meta(meta_path)
         if meta is None:
+            return None
+        if meta.get("checksum") != _sealed(meta).get("checksum") or (
+            meta.get("format"),
+            meta.get("collection"),
+            meta.get("signal"),
+        ) != (SNAPSHOT_FORMAT, collection, signal):
+            log.warning(
+                "ignoring the index snapshot of %s (%s): its metadata is damaged or stale", collection, signal
+            )
             return None
         try:
             codes = np.load(codes_path, allow_pickle=False)
         except (OSError, ValueError, EOFError):
-            log.warning("ignoring the unreadable index snapshot of %s", collection)
+            log.warning("ignoring the unreadable index snapshot of %s (%s)", collection, signal)
             return None
         position = meta.get("position")
         if (
-            meta.get("format") != SNAPSHOT_FORMAT
-            or not isinstance(position, int)
+            not isinstance(position, int)
             or codes.dtype != np.uint8
             or codes.ndim != 2
             or codes.shape[1] != width
             or len(codes) != meta.get("count")
-            or hashlib.sha256(np.ascontiguousarray(codes).data).hexdigest() != meta.get("sha256")
+            or hashlib.sha256(np.ascontiguousarray(codes).data).hexdigest() != meta.get("codes_sha256")
         ):
-            log.warning("ignoring the unusable index snapshot of %s", collection)
+            log.warning("ignoring the unusable index snapshot of %s (%s)", collection, signal)
             return None
         return position, codes
+
+
+def _sealed(meta: dict[str, object]) -> dict[str, object]:
+    """``meta`` with a ``checksum`` over every other field (the codes' own SHA-256 among them)."""
+    fields = {key: value for key, value in meta.items() if key != "checksum"}
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
+    return {**fields, "checksum": hashlib.sha256(canonical).hexdigest()}
 
 
 class IndexCatalog:
@@ -150,6 +169,8 @@ class IndexCatalog:
         self._snapshots = SnapshotFiles(snapshot_dir) if snapshot_dir is not None else None
         self._collections: dict[str, _CollectionIndexes] = {}
         self._checked: dict[str, float] = {}
+        self._unsaved: set[str] = set()
+        """Collections whose last snapshot could not be written (retried by :meth:`retry_snapshots`)."""
         self._lock = threading.Lock()
 
     def _build(self, collection: str) -> _CollectionIndexes:
@@ -179,10 +200,26 @@ class IndexCatalog:
         self._apply_changes(collection, built)
         for signal in built_from_store:
             index = by_signal[signal.name]
-            if self._snapshots is not None and signal.snapshot_width and len(index):
+            if signal.snapshot_width and len(index):
                 assert isinstance(index, SegmentedIndex)
-                self._snapshots.save(collection, signal.name, built.position, index.live_codes())
+                self._save(collection, signal.name, built.position, index.live_codes())
         return built
+
+    def _save(self, collection: str, signal: str, position: int, codes: Codes) -> None:
+        """Save a snapshot if possible; a snapshot is an optimisation, so a failure is logged and retried.
+
+        On a full or read-only disk the index still serves from memory; the
+        collection is remembered and saved again by :meth:`retry_snapshots`.
+        """
+        if self._snapshots is None:
+            return
+        try:
+            self._snapshots.save(collection, signal, position, codes)
+        except OSError as exc:
+            log.warning(
+                "could not save the %s index snapshot of %s (%s); will retry", signal, collection, exc
+            )
+            self._unsaved.add(collection)
 
     def _load(self, collection: str, signal: SignalType) -> tuple[int, Codes] | None:
         if self._snapshots is None or signal.snapshot_width is None:
@@ -248,8 +285,16 @@ class IndexCatalog:
                 if isinstance(index, SegmentedIndex) and SIGNAL_TYPES[name].snapshot_width
             ]
             position = current.position
+            self._unsaved.discard(collection)
         for name, codes in saved:
-            self._snapshots.save(collection, name, position, codes)
+            self._save(collection, name, position, codes)
+
+    def retry_snapshots(self) -> None:
+        """Save again the snapshots that failed (a disk that was full or read-only)."""
+        with self._lock:
+            pending = sorted(self._unsaved)
+        for collection in pending:
+            self.snapshot(collection)
 
     def snapshot_all(self) -> None:
         with self._lock:
@@ -259,10 +304,7 @@ class IndexCatalog:
 
     def _snapshot_in_background(self, collection: str) -> None:
         def run() -> None:
-            try:
-                self.snapshot(collection)
-            except OSError:
-                log.exception("saving the index snapshot of %s failed", collection)
+            self.snapshot(collection)
 
         threading.Thread(target=run, name="hashfed-snapshot", daemon=True).start()
 

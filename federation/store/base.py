@@ -22,6 +22,17 @@ class StoreError(Exception):
     """A storage failure or a request the store cannot satisfy."""
 
 
+class StorageUnavailable(StoreError):
+    """The storage cannot take writes now (full, read-only, failing); nothing was written.
+
+    Reads still work. ``reason`` is ``full``, ``read-only`` or ``io-error``.
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
 @dataclass(frozen=True)
 class EntryRecord:
     index: int

@@ -11,6 +11,7 @@ mirrored collections (``sources``, ``evidence``) is in :mod:`.sqlite_sources`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
@@ -18,8 +19,9 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..durable import create_private_file
 from ..keys import VerifierKey
-from ..merkle import HashKey, append_keys, hashes_to_store, leaf_hash
+from ..merkle import HashKey
 from ..state import KeyRecord, ListingChange
 from .base import EntryRecord, ListingDetail, SourceRecord, StoreError
 from .sqlite_schema import PROJECTION_TABLES, SCHEMA, SCHEMA_VERSION, ensure_schema
@@ -31,199 +33,29 @@ from .sqlite_sources import (
     record_source,
     resume_source,
 )
+from .sqlite_txn import SqliteTxn, key_record_from_row, read_tree
+from .storage_faults import check_reserve, storage_fault
+
+JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
+"""Bytes the WAL is cut back to after a checkpoint: a large batch's WAL does not keep its space for ever."""
 
 __all__ = ["PROJECTION_TABLES", "SCHEMA", "SCHEMA_VERSION", "SqliteStore", "SqliteTxn"]
 
 
-def _read_tree(conn: sqlite3.Connection, collection: str, keys: Sequence[HashKey]) -> list[bytes]:
-    """One query for a batch of stored subtree hashes."""
-    found: dict[HashKey, bytes] = {}
-    unique = list(dict.fromkeys(keys))
-    for start in range(0, len(unique), 300):
-        chunk = unique[start : start + 300]
-        clause = " OR ".join("(level = ? AND idx = ?)" for _ in chunk)
-        params: list[object] = [collection]
-        for level, index in chunk:
-            params.extend((level, index))
-        for level, index, value in conn.execute(
-            f"SELECT level, idx, hash FROM tree WHERE collection = ? AND ({clause})", params
-        ):
-            found[(level, index)] = value
+def _rollback(conn: sqlite3.Connection) -> None:
+    """Roll back if a transaction is still open (SQLite rolls back by itself after some errors)."""
+    if conn.in_transaction:
+        with contextlib.suppress(sqlite3.Error):  # SQLite's own rollback on the next statement finishes it
+            conn.execute("ROLLBACK")
+
+
+def _truncate_wal(conn: sqlite3.Connection) -> bool:
+    """Checkpoint the WAL into the database and truncate it; False if that could not be done now."""
     try:
-        return [found[key] for key in keys]
-    except KeyError as exc:
-        raise StoreError(f"collection {collection}: stored tree hash {exc.args[0]} is missing") from exc
-
-
-def _key_record(
-    row: tuple[str, str, int, int | None], parsed: dict[str, VerifierKey] | None = None
-) -> KeyRecord:
-    """A key record from its row; ``parsed`` remembers keys already parsed (hot on every request)."""
-    key_text, rights, granted, revoked = row
-    key = parsed.get(key_text) if parsed is not None else None
-    if key is None:
-        key = VerifierKey.parse(key_text)
-        if parsed is not None:
-            parsed[key_text] = key
-    return KeyRecord(key, frozenset(json.loads(rights)), granted, revoked)
-
-
-class SqliteTxn:
-    """A write transaction on one collection (implements ``CollectionTxn``)."""
-
-    def __init__(self, conn: sqlite3.Connection, collection: str, size: int) -> None:
-        self._conn = conn
-        self._collection = collection
-        self._size = size
-        self._ordinal = 0
-
-    def log_size(self) -> int:
-        return self._size
-
-    def read_hashes(self, keys: Sequence[HashKey]) -> list[bytes]:
-        return _read_tree(self._conn, self._collection, keys)
-
-    def append(self, data: bytes) -> EntryRecord:
-        index = self._size
-        leaf = leaf_hash(data)
-        siblings = self.read_hashes(append_keys(index))
-        self._conn.executemany(
-            "INSERT INTO tree (collection, level, idx, hash) VALUES (?, ?, ?, ?)",
-            [(self._collection, level, i, h) for (level, i), h in hashes_to_store(index, leaf, siblings)],
-        )
-        self._conn.execute(
-            "INSERT INTO entries (collection, idx, leaf_hash, data) VALUES (?, ?, ?, ?)",
-            (self._collection, index, leaf, data),
-        )
-        self._size += 1
-        self._ordinal = 0
-        self._conn.execute("UPDATE collections SET size = ? WHERE name = ?", (self._size, self._collection))
-        return EntryRecord(index, leaf, data)
-
-    def replayed(self, record: EntryRecord) -> None:
-        """Advance past an entry already in the log (rebuilding the projection)."""
-        if record.index != self._size:
-            raise StoreError(f"replay out of order: expected index {self._size}, got {record.index}")
-        self._size += 1
-        self._ordinal = 0
-
-    def logged_entries(self, batch: int = 1000) -> Iterator[EntryRecord]:
-        position = 0
-        while True:
-            rows = self._conn.execute(
-                "SELECT idx, leaf_hash, data FROM entries WHERE collection = ? AND idx >= ? ORDER BY idx LIMIT ?",
-                (self._collection, position, batch),
-            ).fetchall()
-            if not rows:
-                return
-            for index, leaf, data in rows:
-                yield EntryRecord(int(index), bytes(leaf), bytes(data))
-            position = int(rows[-1][0]) + 1
-
-    def key_record(self, key_id: str) -> KeyRecord | None:
-        row = self._conn.execute(
-            "SELECT key, rights, granted, revoked FROM keys WHERE collection = ? AND key_id = ?",
-            (self._collection, key_id),
-        ).fetchone()
-        return _key_record(row) if row else None
-
-    def last_seq(self, key_id: str) -> int:
-        row = self._conn.execute(
-            "SELECT seq FROM seqs WHERE collection = ? AND key_id = ?", (self._collection, key_id)
-        ).fetchone()
-        return int(row[0]) if row else 0
-
-    def lists(self, signal: str, hash_hex: str, member: str) -> bool:
-        row = self._conn.execute(
-            "SELECT 1 FROM listings WHERE collection = ? AND type = ? AND hash = ? AND member = ?",
-            (self._collection, signal, hash_hex, member),
-        ).fetchone()
-        return row is not None
-
-    def listers(self, signal: str, hash_hex: str) -> int:
-        row = self._conn.execute(
-            "SELECT count(*) FROM listings WHERE collection = ? AND type = ? AND hash = ?",
-            (self._collection, signal, hash_hex),
-        ).fetchone()
-        return int(row[0])
-
-    def put_key(self, record: KeyRecord) -> None:
-        self._conn.execute(
-            "INSERT INTO keys (collection, key_id, key, rights, granted, revoked) VALUES (?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT (collection, key_id) DO UPDATE SET rights = excluded.rights, granted = excluded.granted, revoked = excluded.revoked",
-            (
-                self._collection,
-                record.key.key_id,
-                record.key.encode(),
-                json.dumps(sorted(record.rights)),
-                record.granted_index,
-                record.revoked_index,
-            ),
-        )
-
-    def set_last_seq(self, key_id: str, seq: int) -> None:
-        self._conn.execute(
-            "INSERT INTO seqs (collection, key_id, seq) VALUES (?, ?, ?) "
-            "ON CONFLICT (collection, key_id) DO UPDATE SET seq = excluded.seq",
-            (self._collection, key_id, seq),
-        )
-
-    def put_listing(
-        self,
-        signal: str,
-        hash_hex: str,
-        member: str,
-        labels: Sequence[str],
-        quality: int | None,
-        index: int,
-    ) -> None:
-        self._conn.execute(
-            "INSERT INTO listings (collection, type, hash, member, labels, quality, since) VALUES (?, ?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT (collection, type, hash, member) DO UPDATE SET labels = excluded.labels, quality = excluded.quality",
-            (self._collection, signal, hash_hex, member, json.dumps(list(labels)), quality, index),
-        )
-
-    def delete_listing(self, signal: str, hash_hex: str, member: str) -> None:
-        self._conn.execute(
-            "DELETE FROM listings WHERE collection = ? AND type = ? AND hash = ? AND member = ?",
-            (self._collection, signal, hash_hex, member),
-        )
-
-    def put_opinion(
-        self, signal: str, hash_hex: str, member: str, verdict: str, note: str | None, index: int
-    ) -> None:
-        self._conn.execute(
-            "INSERT INTO opinions (collection, type, hash, member, verdict, note, idx) VALUES (?, ?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT (collection, type, hash, member) DO UPDATE SET verdict = excluded.verdict, note = excluded.note, idx = excluded.idx",
-            (self._collection, signal, hash_hex, member, verdict, note, index),
-        )
-
-    def delete_opinion(self, signal: str, hash_hex: str, member: str) -> None:
-        self._conn.execute(
-            "DELETE FROM opinions WHERE collection = ? AND type = ? AND hash = ? AND member = ?",
-            (self._collection, signal, hash_hex, member),
-        )
-
-    def put_content(self, signal: str, hash_hex: str, content: bytes) -> None:
-        # A hash's content follows from the hash itself (a vPDQ identity digests its frames).
-        self._conn.execute(
-            "INSERT OR IGNORE INTO contents (collection, type, hash, content) VALUES (?, ?, ?, ?)",
-            (self._collection, signal, hash_hex, content),
-        )
-
-    def record_change(self, change: ListingChange) -> None:
-        self._conn.execute(
-            "INSERT INTO changes (collection, idx, ordinal, type, hash, listed) VALUES (?, ?, ?, ?, ?, ?)",
-            (
-                self._collection,
-                change.index,
-                self._ordinal,
-                change.signal,
-                change.hash,
-                int(change.listed),
-            ),
-        )
-        self._ordinal += 1
+        busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    except sqlite3.Error:
+        return False
+    return not busy
 
 
 def _in_chunks(hashes: Sequence[str], size: int = 500) -> Iterator[tuple[list[str], str]]:
@@ -237,12 +69,17 @@ def _in_chunks(hashes: Sequence[str], size: int = 500) -> Iterator[tuple[list[st
 class SqliteStore:
     """The hub's storage in one SQLite file (implements ``HubStore``)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, min_free_bytes: int = 0) -> None:
         self.path = path
+        self.min_free_bytes = min_free_bytes
+        """Writes are refused while the file system has less free space than this."""
+        self._storage_failed = False
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._parsed_keys: dict[str, VerifierKey] = {}
         self._lock = threading.Lock()
+        if not path.exists():
+            create_private_file(path)  # SQLite gives its -wal and -shm files the database's mode
         ensure_schema(self._conn(), path)
 
     def _conn(self) -> sqlite3.Connection:
@@ -252,6 +89,7 @@ class SqliteStore:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = FULL")
             conn.execute("PRAGMA busy_timeout = 30000")
+            conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
             self._local.conn = conn
             with self._lock:
                 self._connections.append(conn)
@@ -307,15 +145,31 @@ class SqliteStore:
 
     @contextmanager
     def _immediate(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction (``BEGIN IMMEDIATE``): committed when the block ends, else rolled back."""
+        """A write transaction (``BEGIN IMMEDIATE``): committed when the block ends, else rolled back.
+
+        A full, read-only or failing disk raises :class:`StorageUnavailable`
+        with nothing written; the WAL is then checkpointed and truncated so
+        the space a failed transaction took is given back.
+        """
+        check_reserve(self.path.parent, self.min_free_bytes)
         conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
+        if self._storage_failed:
+            self._storage_failed = not _truncate_wal(conn)
         try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                _rollback(conn)
+                raise
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            fault = storage_fault(exc, self.path.parent)
+            if fault is None:
+                raise
+            _rollback(conn)  # a COMMIT that failed on a full disk leaves the transaction open
+            self._storage_failed = not _truncate_wal(conn)
+            raise fault from exc
 
     @contextmanager
     def write(self, collection: str) -> Iterator[SqliteTxn]:
@@ -343,7 +197,7 @@ class SqliteStore:
         return int(row[0])
 
     def read_hashes(self, collection: str, keys: Sequence[HashKey]) -> list[bytes]:
-        return _read_tree(self._conn(), collection, keys)
+        return read_tree(self._conn(), collection, keys)
 
     def entries(
         self, collection: str, start: int, limit: int, max_bytes: int | None = None
@@ -381,13 +235,13 @@ class SqliteStore:
             "SELECT key, rights, granted, revoked FROM keys WHERE collection = ? ORDER BY granted, key_id",
             (collection,),
         )
-        return [_key_record(row) for row in rows]
+        return [key_record_from_row(row) for row in rows]
 
     def key_memberships(self, key_id: str) -> list[tuple[str, KeyRecord]]:
         rows = self._conn().execute(
             "SELECT collection, key, rights, granted, revoked FROM keys WHERE key_id = ?", (key_id,)
         )
-        return [(row[0], _key_record(row[1:], self._parsed_keys)) for row in rows]
+        return [(row[0], key_record_from_row(row[1:], self._parsed_keys)) for row in rows]
 
     def changes_since(self, collection: str, position: int) -> tuple[list[ListingChange], int]:
         with self._read() as conn:

@@ -29,8 +29,9 @@ from ..client import MAX_JSON_BYTES, HubClient, HubError, new_client_session, re
 from ..config import ConfigError
 from ..keys import VerifierKey, load_signer_file
 from ..signals import LookupDefaults, parse_query
+from ..tls import add_tls_options
 from .mirror import MirrorConfig, MirrorDir, lookup
-from .puller import ByteCounter, Puller, SourceStopped, SyncProgress, SyncResult, new_session
+from .puller import READ_TIMEOUT, ByteCounter, Puller, SourceStopped, SyncProgress, SyncResult, new_session
 from .verify import ForkDetected, VerificationError
 
 T = TypeVar("T")
@@ -78,6 +79,15 @@ def add_mirror_command(sub: Any) -> None:
     parser.add_argument("--watch", action="store_true", help="keep following the log")
     parser.add_argument(
         "--interval", type=float, default=30.0, metavar="S", help="seconds between polls with --watch"
+    )
+    add_tls_options(parser)
+    parser.add_argument(
+        "--read-timeout",
+        type=float,
+        default=READ_TIMEOUT,
+        metavar="S",
+        help=f"give up on a hub that sends nothing for S seconds while answering (default {READ_TIMEOUT:g}); "
+        "the run then exits 1 like any unreachable hub",
     )
     parser.add_argument(
         "--compare",
@@ -144,6 +154,10 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return 0
 
 
+def _path_or(given: str | None, kept: str) -> str:
+    return str(Path(given).resolve()) if given else kept
+
+
 def _pin(text: str) -> str:
     path = Path(text)
     key = VerifierKey.parse(path.read_text().strip() if path.is_file() else text)
@@ -160,12 +174,26 @@ def _mirror_config(args: argparse.Namespace, mirror: MirrorDir) -> MirrorConfig:
             raise ConfigError(f"{mirror.path} mirrors {config.collection}; use a new directory for another")
         if pin and pin != config.pin:
             raise ConfigError(f"{mirror.path} pins another hub key; use a new directory for another hub")
-        updated = MirrorConfig(args.hub or config.hub, key or config.key, config.collection, config.pin)
+        updated = MirrorConfig(
+            args.hub or config.hub,
+            key or config.key,
+            config.collection,
+            config.pin,
+            _path_or(args.ca, config.ca),
+            _path_or(args.client_cert, config.client_cert),
+        )
     else:
         missing = [f"--{n}" for n in ("hub", "key", "collection", "pin") if not getattr(args, n)]
         if missing:
             raise ConfigError(f"{mirror.path} is a new mirror: give {', '.join(missing)}")
-        updated = MirrorConfig(args.hub, key or "", args.collection, pin or "")
+        updated = MirrorConfig(
+            args.hub,
+            key or "",
+            args.collection,
+            pin or "",
+            _path_or(args.ca, ""),
+            _path_or(args.client_cert, ""),
+        )
     if not updated.hub.startswith(("http://", "https://")):
         raise ConfigError(f"--hub {updated.hub!r} is not an http:// or https:// URL")
     updated.spec()
@@ -242,7 +270,7 @@ async def _mirror(args: argparse.Namespace, mirror: MirrorDir, config: MirrorCon
     loop = asyncio.get_running_loop()
     progress = _Progress(sys.stderr)
     counter = ByteCounter()
-    session = new_session(300.0, counter)
+    session = new_session(300.0, counter, args.read_timeout, config.tls)
     client = HubClient(config.hub, load_signer_file(Path(config.key)), session=session, retries=2)
 
     def run(fn: Callable[[], T]) -> Awaitable[T]:
@@ -269,6 +297,13 @@ async def _mirror(args: argparse.Namespace, mirror: MirrorDir, config: MirrorCon
                 continue
             failures = 0
             progress.finish()
+            if result.source_size < result.checkpoint:
+                print(
+                    f"hashfed: warning: {spec.name}: the hub showed a checkpoint of {result.source_size:,} "
+                    f"entries, older than the {result.checkpoint:,} already verified here (it is consistent "
+                    "with it: a stale replica or cache in front of the hub?)",
+                    file=sys.stderr,
+                )
             record = await run(lambda: node.store.source(spec.name))
             mirror.save_checkpoint(record.checkpoint if record else None)
             if rounds == 0 or result.after != result.before:  # --watch reports changes only
@@ -302,6 +337,8 @@ async def _mirror(args: argparse.Namespace, mirror: MirrorDir, config: MirrorCon
 def cmd_mirror(args: argparse.Namespace) -> int:
     if args.interval <= 0:
         raise ConfigError("--interval must be a positive number of seconds")
+    if args.read_timeout <= 0:
+        raise ConfigError("--read-timeout must be a positive number of seconds")
     mirror = MirrorDir(Path(args.dir))
     config = _mirror_config(args, mirror)
     return asyncio.run(_mirror(args, mirror, config))

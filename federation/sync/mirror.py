@@ -10,7 +10,6 @@ Layout::
 
 from __future__ import annotations
 
-import os
 import tomllib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -18,10 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from ..config import INDEX_DIR, ConfigError
+from ..durable import make_private_directory, write_atomically
 from ..keys import KeyFormatError, VerifierKey
 from ..node import Node
 from ..signals import Query
 from ..store.sqlite import SqliteStore
+from ..tls import ClientTls
 from .puller import SourceSpec
 from .verify import Evidence
 from .wire import match_json
@@ -30,6 +31,7 @@ CONFIG_FILE = "mirror.toml"
 DATABASE_FILE = "mirror.sqlite3"
 CHECKPOINT_FILE = "checkpoint.txt"
 EVIDENCE_DIR = "evidence"
+OPTIONAL_SETTINGS = frozenset({"ca", "client_cert"})
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,14 @@ class MirrorConfig:
     """The collection as named at ``hub``: ``NAME``, or ``HUB:NAME`` when relayed."""
     pin: str
     """The origin hub's verifier key."""
+    ca: str = ""
+    """PEM file of the CA of an ``https://`` hub's certificate, if not a public one."""
+    client_cert: str = ""
+    """PEM file with a TLS client certificate and key, for a hub that requires mutual TLS."""
+
+    @property
+    def tls(self) -> ClientTls:
+        return ClientTls(self.ca or None, self.client_cert or None)
 
     def spec(self) -> SourceSpec:
         try:
@@ -52,6 +62,8 @@ class MirrorConfig:
     def to_toml(self) -> str:
         lines = ["# hashfed mirror configuration; see docs/operations.md"]
         for name, value in asdict(self).items():
+            if name in OPTIONAL_SETTINGS and not value:
+                continue
             escaped = value.replace("\\", "\\\\").replace('"', '\\"')
             lines.append(f'{name} = "{escaped}"')
         return "\n".join(lines) + "\n"
@@ -63,8 +75,12 @@ class MirrorConfig:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{source}: {exc}") from exc
         names = ("hub", "key", "collection", "pin")
-        if set(raw) != set(names) or not all(isinstance(raw[n], str) for n in names):
-            raise ConfigError(f"{source}: needs exactly the string settings {', '.join(names)}")
+        allowed = set(names) | OPTIONAL_SETTINGS
+        if not set(names) <= set(raw) <= allowed or not all(isinstance(value, str) for value in raw.values()):
+            raise ConfigError(
+                f"{source}: needs the string settings {', '.join(names)} "
+                f"(and may have {', '.join(sorted(OPTIONAL_SETTINGS))})"
+            )
         config = cls(**raw)
         config.spec()
         return config
@@ -101,9 +117,8 @@ class MirrorDir:
         return MirrorConfig.from_toml(self.config_file.read_text(), str(self.config_file))
 
     def write_config(self, config: MirrorConfig) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
-        self.path.chmod(0o700)
-        _write_atomically(self.config_file, config.to_toml())
+        make_private_directory(self.path)
+        write_atomically(self.config_file, config.to_toml())
 
     def open_node(self) -> Node:
         """The mirror as a node with no collections of its own (it never signs anything)."""
@@ -118,24 +133,18 @@ class MirrorDir:
 
     def save_checkpoint(self, note: str | None) -> None:
         if note is not None:
-            _write_atomically(self.checkpoint_file, note)
+            write_atomically(self.checkpoint_file, note)
 
     def save_evidence(self, evidence: Evidence) -> Path:
-        self.evidence_dir.mkdir(exist_ok=True)
+        make_private_directory(self.evidence_dir)
         stamp = evidence.detected.replace(":", "").replace("-", "")
         path = self.evidence_dir / f"{stamp}-{evidence.reason}.json"
         counter = 1
         while path.exists():
             counter += 1
             path = self.evidence_dir / f"{stamp}-{evidence.reason}-{counter}.json"
-        _write_atomically(path, evidence.dumps() + "\n")
+        write_atomically(path, evidence.dumps() + "\n")
         return path
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
 
 
 def lookup(

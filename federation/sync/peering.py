@@ -33,6 +33,7 @@ from ..config import ConfigError, PeerConfig
 from ..envelope import utc_now
 from ..keys import VerifierKey, load_signer_file
 from ..node import Node
+from ..tls import ClientTls
 from .puller import ByteCounter, Puller, SourceSpec, SyncProgress, new_session
 from .verify import ForkDetected
 from .wire import checkpoint_summary
@@ -142,7 +143,9 @@ class Peering:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hashfed-sync")
         for config in self.configs:
             counter = ByteCounter()
-            session = new_session(config.timeout, counter)
+            session = new_session(
+                config.timeout, counter, tls=ClientTls(config.ca or None, config.client_cert or None)
+            )
             client = HubClient(
                 config.url, load_signer_file(Path(config.member_key)), session=session, retries=0
             )

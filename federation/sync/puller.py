@@ -44,6 +44,7 @@ from ..keys import VerifierKey
 from ..node import REPLAY_LIMITS, Node
 from ..state import Refusal
 from ..store.base import SourceRecord
+from ..tls import ClientTls
 from .verify import (
     Evidence,
     ForkDetected,
@@ -159,11 +160,32 @@ class ByteCounter:
         return config
 
 
-def new_session(timeout: float, counter: ByteCounter) -> aiohttp.ClientSession:
-    """A session whose every request must finish within ``timeout`` seconds (spans are sized to allow it)."""
+READ_TIMEOUT = 30.0
+"""Seconds a source may send nothing while an answer is being read before it is given up on."""
+
+
+def new_session(
+    timeout: float, counter: ByteCounter, read_timeout: float = READ_TIMEOUT, tls: ClientTls | None = None
+) -> aiohttp.ClientSession:
+    """A session whose every request must finish within ``timeout`` seconds (spans are sized to allow it),
+    and whose answers may not stall for more than ``read_timeout`` seconds between two reads."""
     return new_client_session(
-        aiohttp.ClientTimeout(total=timeout, sock_connect=min(timeout, 10.0)),
+        aiohttp.ClientTimeout(
+            total=timeout, sock_connect=min(timeout, 10.0), sock_read=min(timeout, read_timeout)
+        ),
+        tls,
         trace_configs=[counter.trace_config()],
+    )
+
+
+def _timeout_reason(session: aiohttp.ClientSession | None) -> str:
+    """What a bare timeout means, naming the limits it can come from."""
+    limits = session.timeout if session is not None else None
+    if limits is None or limits.sock_read is None:
+        return "timed out"
+    return (
+        f"timed out: no data for {limits.sock_read:g} s (the read timeout) "
+        f"or the request took over {limits.total:g} s"
     )
 
 
@@ -230,8 +252,14 @@ class Puller:
         """One request to the source: a lost connection is a HubError, an unusable answer a VerificationError."""
         try:
             return await request
-        except (aiohttp.ClientConnectionError, TimeoutError) as exc:
-            raise HubError(0, f"lost the connection to {self.spec.url}: {exc or type(exc).__name__}") from exc
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
+            # A connection reset mid-answer surfaces as an incomplete payload: the
+            # network failed, not the source's data, so it is retried like any outage.
+            if isinstance(exc, TimeoutError):
+                reason = _timeout_reason(self.client.session)
+            else:
+                reason = str(exc) or type(exc).__name__
+            raise HubError(0, f"lost the connection to {self.spec.url}: {reason}") from exc
         except (aiohttp.ClientError, ValueError, KeyError, TypeError) as exc:
             raise VerificationError(
                 f"{self.spec.url} sent an answer that is not valid: {exc!r}"[:500]
@@ -303,6 +331,15 @@ class Puller:
             await self._fork(exc)
             raise
         goal: SignedCheckpoint = step.goal
+        if known.reached is not None and new.size < known.reached.size:
+            log.warning(
+                "%s: %s showed a checkpoint of %d entries, older than the %d already verified here "
+                "(consistent with it; a stale replica or cache in front of the hub?)",
+                self.spec.name,
+                self.spec.url,
+                new.size,
+                known.reached.size,
+            )
         if record is None:
             origin = self.spec.origin
             record = SourceRecord(
