@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 import string
 from dataclasses import dataclass
-from typing import TypeAlias
+from typing import NamedTuple, TypeAlias
 
 _DETAIL_EXCERPT = 200
 
@@ -43,14 +44,14 @@ BareItem: TypeAlias = bool | int | str | bytes | Token
 Params: TypeAlias = tuple[tuple[str, BareItem], ...]
 
 
-@dataclass(frozen=True)
-class Item:
+class Item(NamedTuple):
+    """A bare item with its parameters (a named tuple: several are built for every request)."""
+
     value: BareItem
     params: Params
 
 
-@dataclass(frozen=True)
-class InnerList:
+class InnerList(NamedTuple):
     items: tuple[Item, ...]
     params: Params
 
@@ -66,6 +67,13 @@ _TCHAR = _ALPHA | _DIGITS | frozenset("!#$%&'*+-.^_`|~")
 _TOKEN_REST = _TCHAR | {":", "/"}
 _BASE64 = _ALPHA | _DIGITS | {"+", "/", "="}
 _MAX_INTEGER_DIGITS = 15
+# The common case of each bare item in one regular-expression match; anything
+# the pattern does not take is handed to the character-by-character path,
+# which finds the precise fault to report.
+_KEY = re.compile(r"[a-z*][a-z0-9_\-.*]*")
+_PLAIN_STRING = re.compile(r'"([ !#-\[\]-~]*)"')
+_INTEGER = re.compile(r"-?[0-9]{1,15}(?![0-9.])")
+_TOKEN = re.compile(r"[A-Za-z*][A-Za-z0-9!#$%&'*+\-.^_`|~:/]*")
 
 
 class _Parser:
@@ -123,6 +131,10 @@ class _Parser:
                 raise self.fail("the value ends with a ','")
 
     def key(self) -> str:
+        match = _KEY.match(self.text, self.pos)
+        if match:
+            self.pos = match.end()
+            return match.group()
         start = self.pos
         if self.peek() not in _KEY_FIRST:
             raise self.fail("expected a key (a lowercase letter or '*' first)")
@@ -134,32 +146,38 @@ class _Parser:
     def inner_list(self) -> InnerList:
         self.pos += 1  # "("
         items: list[Item] = []
+        text = self.text
         while True:
-            self.skip(" ")
-            if self.peek() == ")":
+            while text[self.pos : self.pos + 1] == " ":
+                self.pos += 1
+            char = text[self.pos : self.pos + 1]
+            if char == ")":
                 self.pos += 1
                 return InnerList(tuple(items), self.parameters())
-            if self.at_end():
+            if not char:
                 raise self.fail("an inner list is not closed with ')'")
             value = self.bare_item()
             if not isinstance(value, str):
                 raise self.fail("inner-list members must be strings (quoted component names)")
-            items.append(Item(value, self.parameters()))
-            if self.at_end():
+            items.append(Item(value, self.parameters() if text[self.pos : self.pos + 1] == ";" else ()))
+            char = text[self.pos : self.pos + 1]
+            if not char:
                 raise self.fail("an inner list is not closed with ')'")
-            if self.peek() not in (" ", ")"):
+            if char not in (" ", ")"):
                 raise self.fail("expected a space or ')' after an inner-list member")
 
     def parameters(self) -> Params:
         params: list[tuple[str, BareItem]] = []
-        while self.peek() == ";":
+        text = self.text
+        while text[self.pos : self.pos + 1] == ";":
             self.pos += 1
-            self.skip(" ")
+            while text[self.pos : self.pos + 1] == " ":
+                self.pos += 1
             key = self.key()
             if any(existing == key for existing, _ in params):
                 raise self.fail(f"the parameter {key!r} appears more than once")
             value: BareItem = True
-            if self.peek() == "=":
+            if text[self.pos : self.pos + 1] == "=":
                 self.pos += 1
                 value = self.bare_item()
                 if isinstance(value, bytes):
@@ -186,6 +204,10 @@ class _Parser:
         raise self.fail("expected an integer, string, token, boolean or byte sequence")
 
     def integer(self) -> int:
+        match = _INTEGER.match(self.text, self.pos)
+        if match:
+            self.pos = match.end()
+            return int(match.group())
         start = self.pos
         if self.peek() == "-":
             self.pos += 1
@@ -202,6 +224,10 @@ class _Parser:
         return int(self.text[start : self.pos])
 
     def string(self) -> str:
+        match = _PLAIN_STRING.match(self.text, self.pos)
+        if match:  # no escapes: the usual component name or key id
+            self.pos = match.end()
+            return match.group(1)
         self.pos += 1  # opening quote
         chars: list[str] = []
         while not self.at_end():
@@ -222,6 +248,10 @@ class _Parser:
         raise self.fail("a string is not closed with '\"'")
 
     def token(self) -> Token:
+        match = _TOKEN.match(self.text, self.pos)
+        if match:
+            self.pos = match.end()
+            return Token(match.group())
         start = self.pos
         self.pos += 1
         while self.peek() in _TOKEN_REST:
