@@ -12,10 +12,18 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .config import ConfigError, DataDir, HubConfig
-from .durable import make_private_directory, write_atomically
+from .dirlock import DirectoryLock
+from .durable import fsync_directory, make_private_directory, write_atomically
 from .envelope import Grant
 from .hub.server import open_node
-from .keys import SignerKey, VerifierKey, check_collection_name, check_name, write_signer_file
+from .keys import (
+    SignerKey,
+    VerifierKey,
+    check_collection_name,
+    check_name,
+    load_signer_file,
+    write_signer_file,
+)
 from .node import Accepted
 from .state import KeyRecord
 from .store.base import StoreError
@@ -34,6 +42,7 @@ def init_hub(path: Path, *, name: str, federation: str, collection: str) -> Veri
     signer = SignerKey.generate(name)
     write_signer_file(signer, data.signer_file)
     write_atomically(data.verifier_file, signer.verifier.encode() + "\n")
+    write_atomically(data.key_chain_file, signer.verifier.encode() + "\n")  # grows with each rotation
     write_atomically(data.config_file, HubConfig(name=name, federation=federation).to_toml())
     add_collection(data, collection)
     return signer.verifier
@@ -114,3 +123,50 @@ def _size(path: Path) -> int:
         return path.stat().st_size
     except FileNotFoundError:
         return 0
+
+
+def rotate_hub_key(
+    data: DataDir, overlap_seconds: int
+) -> tuple[VerifierKey, VerifierKey, dict[str, int | None]]:
+    """Hand every own collection over to a new hub key; return (old key, new key, rotation index per collection).
+
+    Resumable: the new key is written (``hub.key.next``) before any entry
+    names it, each collection already handed over is skipped, and the old key
+    is kept in ``retired/`` before ``hub.key`` is replaced, so a crash at any
+    point leaves a directory the same command finishes. The hub must be
+    stopped: a serving hub would hold only the old key.
+    """
+    lock = DirectoryLock(data.path)
+    lock.acquire()  # refuses while `hashfed serve` runs
+    try:
+        old = data.signer()
+        if data.next_signer_file.exists():
+            new = load_signer_file(data.next_signer_file)
+        else:
+            new = SignerKey.generate(old.name)
+            write_signer_file(new, data.next_signer_file)
+        node = open_node(data, searchable=False)
+        node.keyring[new.key_id] = new
+        try:
+            rotated = {
+                collection: (
+                    None
+                    if (accepted := node.rotate_key(collection, new, overlap_seconds)) is None
+                    else accepted.entry.index
+                )
+                for collection in node.own_collections()
+            }
+        finally:
+            node.store.close()
+        make_private_directory(data.retired_dir)
+        if all(key.key_id != old.key_id for key in data.retired_signers()):  # not kept by an earlier try
+            number = len(data.retired_signers()) + 1
+            write_signer_file(old, data.retired_dir / f"{number:04d}-{old.key_id.replace('+', '-')}.key")
+        chain = [key.verifier.encode() for key in data.retired_signers()] + [new.verifier.encode()]
+        write_atomically(data.key_chain_file, "\n".join(chain) + "\n")
+        write_atomically(data.verifier_file, new.verifier.encode() + "\n")
+        os.replace(data.next_signer_file, data.signer_file)
+        fsync_directory(data.path)
+        return old.verifier, new.verifier, rotated
+    finally:
+        lock.release()

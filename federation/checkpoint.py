@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .keys import SignerKey, VerifierKey
@@ -34,11 +35,14 @@ class Checkpoint:
     def text(self) -> str:
         return f"{self.origin}\n{self.size}\n{base64.b64encode(self.root).decode()}\n"
 
-    def sign(self, signer: SignerKey) -> str:
+    def sign(self, *signers: SignerKey) -> str:
+        """The signed note: one signature line per signer (two while a hub key rotation overlaps)."""
         body = self.text()
-        signature = signer.sign(body.encode())
-        material = base64.b64encode(signer.verifier.hash + signature).decode()
-        return f"{body}\n{SIGNATURE_DASH} {signer.name} {material}\n"
+        lines = []
+        for signer in signers:
+            material = base64.b64encode(signer.verifier.hash + signer.sign(body.encode())).decode()
+            lines.append(f"{SIGNATURE_DASH} {signer.name} {material}\n")
+        return f"{body}\n{''.join(lines)}"
 
     @classmethod
     def parse_text(cls, text: str) -> Checkpoint:
@@ -81,12 +85,15 @@ def split_note(note: str) -> tuple[str, list[tuple[str, bytes]]]:
     return text + "\n", signatures
 
 
-def open_note(note: str, verifier: VerifierKey) -> Checkpoint:
-    """Verify a checkpoint note against a hub's key and return the checkpoint."""
+def open_note(note: str, verifier: VerifierKey | Sequence[VerifierKey]) -> Checkpoint:
+    """Verify a checkpoint note against a hub's key (or any one of several) and return the checkpoint."""
+    verifiers = [verifier] if isinstance(verifier, VerifierKey) else list(verifier)
     text, signatures = split_note(note)
-    for name, raw in signatures:
-        if name == verifier.name and raw[:4] == verifier.hash:
-            if not verifier.verify(text.encode(), raw[4:]):
-                raise CheckpointError(f"checkpoint signature by {verifier.key_id} does not verify")
-            return Checkpoint.parse_text(text)
-    raise CheckpointError(f"checkpoint is not signed by {verifier.key_id}")
+    for key in verifiers:
+        for name, raw in signatures:
+            if name == key.name and raw[:4] == key.hash:
+                if not key.verify(text.encode(), raw[4:]):
+                    raise CheckpointError(f"checkpoint signature by {key.key_id} does not verify")
+                return Checkpoint.parse_text(text)
+    names = " or ".join(key.key_id for key in verifiers)
+    raise CheckpointError(f"checkpoint is not signed by {names}")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import fcntl
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote
@@ -48,9 +48,10 @@ class CheckpointRecord:
     directory) still refuses to sign two histories within one process.
     """
 
-    def __init__(self, directory: Path | None, hub_key: VerifierKey) -> None:
+    def __init__(self, directory: Path | None, hub_keys: Sequence[VerifierKey]) -> None:
         self.directory = directory
-        self.hub_key = hub_key
+        self.hub_keys = list(hub_keys)
+        """Every key this hub signs with or signed with (a rotation changes it)."""
         self._memory: dict[str, str] = {}
         self._lock = threading.Lock()
 
@@ -86,7 +87,7 @@ class CheckpointRecord:
         if note is None:
             return None
         try:
-            return open_note(note, self.hub_key)
+            return open_note(note, self.hub_keys)
         except CheckpointError as exc:
             raise HistoryMismatch(
                 f"the record of the last checkpoint signed for {collection} "

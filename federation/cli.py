@@ -186,6 +186,22 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rotate_key(args: argparse.Namespace) -> int:
+    data = DataDir(Path(args.dir))
+    old, new, rotated = admin.rotate_hub_key(data, args.overlap_days * 86400)
+    for collection, index in rotated.items():
+        said = "already handed over" if index is None else f"handed over at log index {index}"
+        print(f"{collection}: {said}")
+    print(
+        f"the hub key is now {new.key_id} (was {old.key_id}); for {args.overlap_days} days checkpoints "
+        f"carry both signatures. Give members and peers the new {data.verifier_file.name}; "
+        f"new mirrors pin {data.key_chain_file} (every key, oldest first). Start the hub again.",
+        file=sys.stderr,
+    )
+    print(new.encode())
+    return 0
+
+
 # ---- member commands ------------------------------------------------------
 
 
@@ -402,6 +418,14 @@ def _add_admin_commands(sub: Any) -> None:
     p.add_argument("--port", type=_int_in(0, 65535), help="port (default: hub.toml)")
 
     _dir_command(sub, "rebuild", cmd_rebuild)
+    p = _dir_command(sub, "rotate-key", cmd_rotate_key)
+    p.add_argument(
+        "--overlap-days",
+        type=_int_in(0, 90),
+        default=14,
+        metavar="D",
+        help="days the old key keeps co-signing checkpoints, for mirrors and peers to follow (default 14)",
+    )
 
 
 def _add_member_commands(sub: Any) -> None:

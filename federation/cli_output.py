@@ -196,6 +196,16 @@ HELP: dict[str, tuple[str, str, str]] = {
         "(stop the hub first).",
         "hashfed rebuild /srv/hashfed",
     ),
+    "rotate-key": (
+        "hand the hub over to a new hub key",
+        "Make a new hub key and append to every collection's log an entry, signed by the current "
+        "key, that hands the log over to it. For --overlap-days the hub signs checkpoints with both "
+        "keys, so mirrors and peering hubs verify the hand-over and follow it; one that has not synced "
+        "by then must be pinned again. The old key moves to DIR/retired/, hub.pub becomes the new key "
+        "and DIR/hub.keys lists them all (what a new mirror pins). Stop the hub first; if the command "
+        "is interrupted, run it again and it finishes.",
+        "hashfed rotate-key /srv/hashfed\nhashfed rotate-key /srv/hashfed --overlap-days 30",
+    ),
     "submit": (
         "submit (or --remove) hashes",
         "Sign and submit hashes to a collection in batches. Every line is checked before anything "

@@ -8,6 +8,8 @@ Layout::
     DIR/hub.sqlite3   the log and its projection (SQLite, WAL)
     DIR/index/        snapshots of the PDQ and PhotoDNA indexes (derived from the log; safe to delete)
     DIR/signed/       the last checkpoint signed per collection (back it up with the database)
+    DIR/retired/      hub keys rotated away from (they signed the logs' earlier entries)
+    DIR/hub.keys      every hub key, oldest first: what a new mirror or peer pins after a rotation
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .envelope import Limits
-from .keys import KeyFormatError, SignerKey, VerifierKey, check_name, load_signer_file
+from .keys import KeyFormatError, SignerKey, check_name, load_signer_file, parse_key_chain
 from .signals import LookupDefaults
 from .signals.photodna import MAX_DISTANCE_LIMIT as PHOTODNA_MAX_DISTANCE_LIMIT
 
@@ -30,6 +32,9 @@ VERIFIER_FILE = "hub.pub"
 DATABASE_FILE = "hub.sqlite3"
 INDEX_DIR = "index"
 SIGNED_DIR = "signed"
+RETIRED_DIR = "retired"
+NEXT_SIGNER_FILE = "hub.key.next"
+KEY_CHAIN_FILE = "hub.keys"
 
 
 class ConfigError(ValueError):
@@ -62,12 +67,13 @@ class PeerConfig:
     """PEM file with this hub's TLS client certificate and key, for a peer that requires mutual TLS."""
 
     def origin_key(self, collection: str) -> str:
-        """The verifier key that signs ``collection``'s checkpoints (validated at load)."""
+        """The verifier key (or keys, after rotations: oldest first) that signs ``collection``'s
+        checkpoints (validated at load)."""
         match = _PEER_COLLECTION.fullmatch(collection)
         hub = match.group(1) if match else None
         if hub is None:
             return self.key
-        return next(key for key in self.relay_keys if VerifierKey.parse(key).name == hub)
+        return next(key for key in self.relay_keys if parse_key_chain(key)[0].name == hub)
 
     def to_toml(self) -> str:
         def quoted(value: str) -> str:
@@ -111,8 +117,8 @@ def _peer(raw: Any, position: int, source: str, base: Path | None) -> PeerConfig
         if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
             raise ConfigError(f"{where}: {name} must be a positive number of seconds")
     try:
-        peer_key = VerifierKey.parse(raw["key"])
-        relay = {VerifierKey.parse(text).name: text for text in raw.get("relay_keys", [])}
+        peer_key = parse_key_chain(raw["key"])[0]
+        relay = {parse_key_chain(text)[0].name: text for text in raw.get("relay_keys", [])}
     except KeyFormatError as exc:
         raise ConfigError(f"{where}: {exc}") from exc
     if not raw["collections"]:
@@ -157,7 +163,7 @@ def _peers(raw: Any, source: str, base: Path | None) -> tuple[PeerConfig, ...]:
     seen: dict[str, str] = {}
     for peer in peers:
         for collection in peer.collections:
-            origin = VerifierKey.parse(peer.origin_key(collection)).name
+            origin = parse_key_chain(peer.origin_key(collection))[0].name
             name = f"{origin}:{collection.rpartition(':')[2]}"
             if name in seen:
                 raise ConfigError(
@@ -369,6 +375,23 @@ class DataDir:
     def signed_dir(self) -> Path:
         """The last checkpoint signed per collection: what the hub has published and must extend."""
         return self.path / SIGNED_DIR
+
+    @property
+    def retired_dir(self) -> Path:
+        return self.path / RETIRED_DIR
+
+    @property
+    def next_signer_file(self) -> Path:
+        """A rotation's new key while ``hashfed rotate-key`` hands the collections over to it."""
+        return self.path / NEXT_SIGNER_FILE
+
+    @property
+    def key_chain_file(self) -> Path:
+        return self.path / KEY_CHAIN_FILE
+
+    def retired_signers(self) -> list[SignerKey]:
+        """The hub keys this hub rotated away from, oldest first (by file name)."""
+        return [load_signer_file(path) for path in sorted(self.retired_dir.glob("*.key"))]
 
     def check(self) -> None:
         if not self.config_file.exists():

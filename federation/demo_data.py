@@ -25,6 +25,7 @@ from .envelope import (
     BatchPayload,
     Envelope,
     EnvelopeError,
+    HubKeyPayload,
     MembershipPayload,
     OpinionPayload,
     parse_payload,
@@ -180,6 +181,11 @@ def audit_log(
             for revoked in payload.revoke:
                 keys.pop(revoked, None)
             audit.kinds["membership"] += 1
+        elif isinstance(payload, HubKeyPayload):
+            if key_id != hub_key.key_id or payload.previous != hub_key or not envelope.verify(hub_key):
+                raise AuditError(f"{where}: hub key rotation not signed by the hub key {hub_key.key_id}")
+            hub_key = payload.key
+            audit.kinds["rotation"] = audit.kinds.get("rotation", 0) + 1
         else:
             _check_member_entry(where, envelope, payload, keys.get(key_id))
             _apply_member_entry(audit, payload)

@@ -18,6 +18,8 @@ from typing import Any
 from .keys import KEY_ID_PATTERN, SignerKey, VerifierKey
 from .payloads import (
     BATCH_TYPE,
+    HUB_KEY_TYPE,
+    HUB_PAYLOAD_TYPES,
     MAX_SEQ,
     MEMBERSHIP_TYPE,
     OPINION_TYPE,
@@ -28,6 +30,7 @@ from .payloads import (
     BatchPayload,
     Grant,
     Header,
+    HubKeyPayload,
     Limits,
     MembershipPayload,
     OpinionItem,
@@ -35,6 +38,7 @@ from .payloads import (
     Payload,
     Removal,
     batch_payload,
+    hub_key_payload,
     membership_payload,
     opinion_payload,
     parse_payload,
@@ -44,6 +48,8 @@ from .strictjson import EnvelopeError, compact_json, exact_keys, strict_json
 
 __all__ = [
     "BATCH_TYPE",
+    "HUB_KEY_TYPE",
+    "HUB_PAYLOAD_TYPES",
     "MAX_SEQ",
     "MEMBERSHIP_TYPE",
     "OPINION_TYPE",
@@ -56,6 +62,7 @@ __all__ = [
     "EnvelopeError",
     "Grant",
     "Header",
+    "HubKeyPayload",
     "Limits",
     "MembershipPayload",
     "OpinionItem",
@@ -65,6 +72,7 @@ __all__ = [
     "Signature",
     "batch_payload",
     "compact_json",
+    "hub_key_payload",
     "membership_payload",
     "opinion_payload",
     "pae",

@@ -182,6 +182,17 @@ class SignerKey:
         return key
 
 
+def parse_key_chain(text: str) -> tuple[VerifierKey, ...]:
+    """One verifier key, or a hub's keys oldest first separated by whitespace (``hub.keys``)."""
+    parts = text.split()
+    if not parts:
+        raise KeyFormatError("no verifier key given")
+    keys = tuple(VerifierKey.parse(part) for part in parts)
+    if len({key.name for key in keys}) != 1:
+        raise KeyFormatError("the keys of one hub all carry the hub's name; these name several hubs")
+    return keys
+
+
 def write_signer_file(key: SignerKey, path: Path, *, overwrite: bool = False) -> None:
     """Write a signer key readable by its owner only (mode 0600), atomically."""
     if path.exists() and not overwrite:

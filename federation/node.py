@@ -17,6 +17,7 @@ from . import merkle
 from .checkpoint import Checkpoint
 from .checkpoint_record import RECOVERY_HINT, CheckpointRecord, HistoryMismatch, check_extends
 from .envelope import (
+    HUB_KEY_TYPE,
     MEMBERSHIP_TYPE,
     Envelope,
     EnvelopeError,
@@ -24,6 +25,7 @@ from .envelope import (
     Header,
     Limits,
     Payload,
+    hub_key_payload,
     membership_payload,
     parse_payload,
     sign_envelope,
@@ -116,6 +118,7 @@ class Node:
         federation: str,
         hub_key: VerifierKey,
         signer: SignerKey | None = None,
+        retired: Sequence[SignerKey] = (),
         limits: Limits | None = None,
         index_dir: Path | None = None,
         signed_dir: Path | None = None,
@@ -126,12 +129,17 @@ class Node:
         self.federation = federation
         self.hub_key = hub_key
         self.signer = signer
+        self.keyring = {key.key_id: key for key in (*retired, *([signer] if signer else []))}
+        """Every hub key this node holds: the current one and those it rotated away from."""
         self.limits = limits or Limits()
         self.indexes = IndexCatalog(store, index_dir)
         self.searchable = searchable
         """False for a node that only writes (admin commands): it keeps no search index,
         and a serving hub catches its own index up from the store."""
-        self.signed = CheckpointRecord(signed_dir, hub_key)
+        self.signed = CheckpointRecord(
+            signed_dir, [hub_key, *(key.verifier for key in self.keyring.values())]
+        )
+        self._genesis: dict[str, VerifierKey] = {}
         """The last checkpoint signed per collection, kept outside the database (None: in memory)."""
         self._checkpoints: dict[str, tuple[int, str]] = {}
         self._checkpoint_lock = threading.Lock()
@@ -150,7 +158,49 @@ class Node:
         source = self.store.source(collection)
         if source is not None:
             return source_context(source)
-        return LogContext(self.federation, collection, self.hub_key)
+        return LogContext(self.federation, collection, self.genesis_key(collection))
+
+    def genesis_key(self, collection: str) -> VerifierKey:
+        """The hub key an own collection's log started with: the signer of its first entry.
+
+        Before any rotation that is the hub's key; after one, the first entry
+        was signed by a key this hub has rotated away from (kept in its keyring).
+        """
+        known = self._genesis.get(collection)
+        if known is not None:
+            return known
+        first = self.store.entries(collection, 0, 1)
+        key = self.hub_key
+        if first:
+            signer = self.keyring.get(Envelope.parse(first[0].data).signer_key_id)
+            if signer is not None:
+                key = signer.verifier
+            self._genesis[collection] = key
+        return key
+
+    def hub_key_in_force(self, collection: str) -> VerifierKey:
+        """The key that signs a collection's membership entries, rotations and checkpoints now."""
+        rotations = self.store.hub_keys(collection)
+        return rotations[-1].key if rotations else self.context(collection).hub_key
+
+    def _signer_for(self, collection: str) -> SignerKey:
+        in_force = self.hub_key_in_force(collection)
+        signer = self.keyring.get(in_force.key_id)
+        if signer is None:
+            raise RuntimeError(
+                f"collection {collection} is signed by hub key {in_force.key_id}, which this hub does not hold"
+            )
+        return signer
+
+    def _checkpoint_signers(self, collection: str) -> list[SignerKey]:
+        """The key in force, and during a rotation's overlap the key before it as well."""
+        signers = [self._signer_for(collection)]
+        rotations = self.store.hub_keys(collection)
+        if rotations and rotations[-1].previous_until > time.time():
+            previous = self.keyring.get(rotations[-1].previous.key_id)
+            if previous is not None:
+                signers.append(previous)
+        return signers
 
     def check_signed_history(self) -> None:
         """Refuse to go on if any own collection's log contradicts a checkpoint this hub signed.
@@ -211,10 +261,11 @@ class Node:
                 "mirrored-collection",
                 f"collection {collection} is mirrored from another hub; submit to its origin hub",
             )
-        context = LogContext(self.federation, collection, self.hub_key)  # an own collection
+        context = self.context(collection)  # an own collection
         check_first_entry(envelope, context, self.store.log_size(collection))
         memberships = self.store.key_memberships(envelope.signer_key_id)
-        check_signer(envelope, context, next((r for c, r in memberships if c == collection), None))
+        record = next((r for c, r in memberships if c == collection), None)
+        check_signer(envelope, context, record, self.hub_key_in_force(collection))
         try:
             payload = parse_payload(envelope.payload_type, envelope.payload, self.limits)
         except EnvelopeError as exc:
@@ -256,15 +307,34 @@ class Node:
         return self.change_membership(collection, grants, ())
 
     def change_membership(self, collection: str, grant: Sequence[Grant], revoke: Sequence[str]) -> Accepted:
+        return self._hub_entry(
+            collection,
+            MEMBERSHIP_TYPE,
+            lambda header: membership_payload(header, tuple(grant), tuple(revoke)),
+        )
+
+    def rotate_key(self, collection: str, new: SignerKey, overlap_seconds: int) -> Accepted | None:
+        """Hand a collection over to the hub key ``new`` (held in the keyring); None if it already is."""
+        if self.hub_key_in_force(collection) == new.verifier:
+            return None
+        previous = self.hub_key_in_force(collection)
+        return self._hub_entry(
+            collection,
+            HUB_KEY_TYPE,
+            lambda header: hub_key_payload(header, previous, new.verifier, overlap_seconds),
+        )
+
+    def _hub_entry(self, collection: str, payload_type: str, payload: Callable[[Header], bytes]) -> Accepted:
+        """Sign an entry with the hub key in force and submit it, choosing a fresh seq."""
         if self.signer is None:
             raise RuntimeError("this node has no hub signer key; membership entries need one")
         for attempt in range(5):
+            signer = self._signer_for(collection)
             with self.store.write(collection) as txn:
-                seq = max(txn.last_seq(self.signer.key_id) + 1, time.time_ns() // 1000)
+                seq = max(txn.last_seq(signer.key_id) + 1, time.time_ns() // 1000)
             header = Header(self.federation, collection, seq, utc_now())
-            payload = membership_payload(header, tuple(grant), tuple(revoke))
             try:
-                return self.submit(collection, sign_envelope(self.signer, MEMBERSHIP_TYPE, payload))
+                return self.submit(collection, sign_envelope(signer, payload_type, payload(header)))
             except Refusal as exc:
                 # Another process (a CLI command, a replica) appended a membership
                 # entry between choosing this seq and appending: choose again.
@@ -398,7 +468,9 @@ class Node:
                 last = self.signed.last(collection)
                 root = merkle.root(reader, size)
                 check_extends(collection, last, size, root, reader)
-                note = Checkpoint(f"{self.name}/{collection}", size, root).sign(self.signer)
+                note = Checkpoint(f"{self.name}/{collection}", size, root).sign(
+                    *self._checkpoint_signers(collection)
+                )
                 if last is None or last.size != size:
                     self.signed.remember(collection, note)
             self._checkpoints[collection] = (size, note)

@@ -1,4 +1,5 @@
-"""The v1 payload schemas (design §5): batch, opinion and membership payloads.
+"""The v1 payload schemas (design §5): batch, opinion and membership payloads, and the hub-key
+payload added to v1 for hub key rotation (docs/protocol.md).
 
 Parsing here is strict and context-free: it checks shape, types, limits and
 hash formats. Whether the signer may do what a payload asks (rights, ``seq``,
@@ -23,7 +24,11 @@ from .strictjson import EnvelopeError, compact_json, exact_keys, strict_json
 BATCH_TYPE = "application/vnd.hashfed.batch+json"
 OPINION_TYPE = "application/vnd.hashfed.opinion+json"
 MEMBERSHIP_TYPE = "application/vnd.hashfed.membership+json"
-PAYLOAD_TYPES = (BATCH_TYPE, OPINION_TYPE, MEMBERSHIP_TYPE)
+HUB_KEY_TYPE = "application/vnd.hashfed.hub-key+json"
+PAYLOAD_TYPES = (BATCH_TYPE, OPINION_TYPE, MEMBERSHIP_TYPE, HUB_KEY_TYPE)
+HUB_PAYLOAD_TYPES = (MEMBERSHIP_TYPE, HUB_KEY_TYPE)
+"""Payloads only the hub key in force may sign."""
+MAX_OVERLAP_SECONDS = 90 * 24 * 3600
 VERDICTS = ("positive", "negative", "withdrawn")
 RIGHTS = ("read", "write")
 MAX_SEQ = 2**53 - 1
@@ -104,7 +109,24 @@ class MembershipPayload:
     revoke: tuple[str, ...] = field(default=())
 
 
-Payload = BatchPayload | OpinionPayload | MembershipPayload
+@dataclass(frozen=True)
+class HubKeyPayload:
+    """A hub key rotation: ``previous`` (the key in force, which signs this) hands over to ``key``."""
+
+    header: Header
+    previous: VerifierKey
+    key: VerifierKey
+    overlap_seconds: int
+    """For this long after ``created`` the hub signs checkpoints with both keys."""
+
+    @property
+    def overlap_until(self) -> int:
+        """Unix time at which checkpoints by ``previous`` stop being accepted."""
+        created = datetime.strptime(self.header.created[:19], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC)
+        return int(created.timestamp()) + self.overlap_seconds
+
+
+Payload = BatchPayload | OpinionPayload | MembershipPayload | HubKeyPayload
 
 
 def utc_now() -> str:
@@ -287,10 +309,41 @@ def _parse_membership(obj: Any, limits: Limits) -> MembershipPayload:
     return MembershipPayload(header, tuple(grants), tuple(revokes))
 
 
+def _parse_hub_key(obj: Any, limits: Limits) -> HubKeyPayload:
+    exact_keys(
+        obj,
+        "hub-key payload",
+        ("v", "federation", "collection", "seq", "created", "previous", "key", "overlap_seconds"),
+    )
+    header = _header(obj)
+    keys = []
+    for name in ("previous", "key"):
+        if not isinstance(obj[name], str):
+            raise EnvelopeError(f"hub-key payload {name} must be a verifier key string")
+        try:
+            keys.append(VerifierKey.parse(obj[name]))
+        except KeyFormatError as exc:
+            raise EnvelopeError(f"hub-key payload {name}: {exc}") from exc
+    previous, key = keys
+    if key.name != previous.name:
+        raise EnvelopeError(
+            f"hub-key payload key must keep the hub's name {previous.name!r} (checkpoints are signed in it)"
+        )
+    if key.key_id == previous.key_id:
+        raise EnvelopeError("hub-key payload key must differ from previous")
+    overlap = obj["overlap_seconds"]
+    if isinstance(overlap, bool) or not isinstance(overlap, int) or not 0 <= overlap <= MAX_OVERLAP_SECONDS:
+        raise EnvelopeError(
+            f"hub-key payload overlap_seconds must be an integer from 0 to {MAX_OVERLAP_SECONDS}"
+        )
+    return HubKeyPayload(header, previous, key, overlap)
+
+
 _PARSERS: Mapping[str, Callable[[Any, Limits], Payload]] = {
     BATCH_TYPE: _parse_batch,
     OPINION_TYPE: _parse_opinion,
     MEMBERSHIP_TYPE: _parse_membership,
+    HUB_KEY_TYPE: _parse_hub_key,
 }
 
 
@@ -376,3 +429,11 @@ def membership_payload(
         for g in grant
     ]
     return _document(header, None, {"grant": grants, "revoke": [{"key": key_id} for key_id in revoke]})
+
+
+def hub_key_payload(header: Header, previous: VerifierKey, key: VerifierKey, overlap_seconds: int) -> bytes:
+    return _document(
+        header,
+        None,
+        {"previous": previous.encode(), "key": key.encode(), "overlap_seconds": overlap_seconds},
+    )

@@ -17,9 +17,11 @@ from typing import Protocol
 
 from .envelope import (
     BATCH_TYPE,
+    HUB_PAYLOAD_TYPES,
     MEMBERSHIP_TYPE,
     BatchPayload,
     Envelope,
+    HubKeyPayload,
     MembershipPayload,
     OpinionPayload,
     Payload,
@@ -61,6 +63,24 @@ class LogContext:
     federation: str
     collection: str
     hub_key: VerifierKey
+    """The hub key the log started with; rotations recorded in the projection hand it on."""
+
+
+@dataclass(frozen=True)
+class HubKeyRecord:
+    """A hub key of a log, from the rotation entry at ``index`` that made it the key in force."""
+
+    key: VerifierKey
+    index: int
+    previous: VerifierKey
+    previous_until: int
+    """Unix time until which checkpoints signed by ``previous`` are still accepted (the overlap)."""
+
+
+def hub_key_in_force(context: LogContext, view: Projection) -> VerifierKey:
+    """The key that signs this log's membership entries, rotations and checkpoints from here on."""
+    rotations = view.hub_keys()
+    return rotations[-1].key if rotations else context.hub_key
 
 
 @dataclass(frozen=True)
@@ -81,6 +101,11 @@ class Projection(Protocol):
     def last_seq(self, key_id: str) -> int: ...
     def lists(self, signal: str, hash_hex: str, member: str) -> bool: ...
     def listers(self, signal: str, hash_hex: str) -> int: ...
+    def hub_keys(self) -> list[HubKeyRecord]:
+        """The log's hub key rotations so far, in log order (empty: its first key is in force)."""
+        ...
+
+    def put_hub_key(self, record: HubKeyRecord) -> None: ...
 
     def put_key(self, record: KeyRecord) -> None: ...
     def set_last_seq(self, key_id: str, seq: int) -> None: ...
@@ -105,11 +130,11 @@ class Projection(Protocol):
 def signer_of(envelope: Envelope, payload: Payload, context: LogContext, view: Projection) -> str:
     """Check the envelope's signature and authority; return the signer's key id."""
     key_id = envelope.signer_key_id
-    if isinstance(payload, MembershipPayload):
-        check_signer(envelope, context, None)
+    if isinstance(payload, MembershipPayload | HubKeyPayload):
+        check_signer(envelope, context, None, hub_key_in_force(context, view))
         return key_id
     record = view.key_record(key_id)
-    check_signer(envelope, context, record)
+    check_signer(envelope, context, record, context.hub_key)
     if record is not None and payload.member != record.member:
         raise Refusal(
             403,
@@ -119,22 +144,26 @@ def signer_of(envelope: Envelope, payload: Payload, context: LogContext, view: P
     return key_id
 
 
-def check_signer(envelope: Envelope, context: LogContext, record: KeyRecord | None) -> None:
+def check_signer(
+    envelope: Envelope, context: LogContext, record: KeyRecord | None, hub_key: VerifierKey
+) -> None:
     """Check the envelope's signature and its signer's standing, from the payload type alone.
 
-    ``record`` is the signer's key record in the collection, if any. Needing
-    no payload, this runs before the payload is parsed (the hub's readers do,
-    so a stranger's batch is never parsed) and again in :func:`signer_of`.
+    ``record`` is the signer's key record in the collection, if any, and
+    ``hub_key`` the hub key in force. Needing no payload, this runs before
+    the payload is parsed (the hub's readers do, so a stranger's batch is
+    never parsed) and again in :func:`signer_of`.
     """
     key_id = envelope.signer_key_id
-    if envelope.payload_type == MEMBERSHIP_TYPE:
-        if key_id != context.hub_key.key_id:
+    if envelope.payload_type in HUB_PAYLOAD_TYPES:
+        if key_id != hub_key.key_id:
+            what = "membership entries" if envelope.payload_type == MEMBERSHIP_TYPE else "hub key rotations"
             raise Refusal(
                 403,
                 "not-hub-key",
-                f"membership entries must be signed by the hub key {context.hub_key.key_id}, not {key_id}",
+                f"{what} must be signed by the hub key in force, {hub_key.key_id}, not {key_id}",
             )
-        if not envelope.verify(context.hub_key):
+        if not envelope.verify(hub_key):
             raise Refusal(
                 400, "bad-envelope-signature", f"the envelope signature by {key_id} does not verify"
             )
@@ -201,6 +230,8 @@ def check_entry(envelope: Envelope, payload: Payload, context: LogContext, view:
                     "not-listed",
                     f"member {payload.member} does not list {removal.signal} hash {removal.hash}, so it cannot remove it; the batch was refused whole",
                 )
+    if isinstance(payload, HubKeyPayload):
+        check_rotation(payload, context, view)
     if isinstance(payload, MembershipPayload):
         for grant in payload.grant:
             record = view.key_record(grant.key.key_id)
@@ -221,11 +252,31 @@ def check_entry(envelope: Envelope, payload: Payload, context: LogContext, view:
     return key_id
 
 
+def check_rotation(payload: HubKeyPayload, context: LogContext, view: Projection) -> None:
+    """A rotation names the key in force as ``previous`` and hands over to a key the log never had."""
+    in_force = hub_key_in_force(context, view)
+    if payload.previous != in_force:
+        raise Refusal(
+            409,
+            "stale-hub-key",
+            f"the rotation's previous key {payload.previous.key_id} is not the hub key in force, {in_force.key_id}",
+        )
+    earlier = {context.hub_key.key_id, *(rotation.key.key_id for rotation in view.hub_keys())}
+    if payload.key.key_id in earlier or view.key_record(payload.key.key_id) is not None:
+        raise Refusal(
+            409,
+            "key-reused",
+            f"key {payload.key.key_id} was already used in collection {context.collection}; rotate to a new key",
+        )
+
+
 def apply_entry(index: int, signer: str, payload: Payload, view: Projection) -> list[ListingChange]:
     """Record the effect of an accepted entry at log ``index``; return the listing changes."""
     view.set_last_seq(signer, payload.header.seq)
     changes: list[ListingChange] = []
-    if isinstance(payload, MembershipPayload):
+    if isinstance(payload, HubKeyPayload):
+        view.put_hub_key(HubKeyRecord(payload.key, index, payload.previous, payload.overlap_until))
+    elif isinstance(payload, MembershipPayload):
         for grant in payload.grant:
             # Re-granting an active key changes its rights; it was granted when first granted.
             earlier = view.key_record(grant.key.key_id)

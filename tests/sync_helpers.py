@@ -106,6 +106,15 @@ class LiveHub:
                 [("pdq", h) for h in queries], max_distance=31, collections=collections
             )
 
+    async def get_text(self, path: str) -> str:
+        async with aiohttp.ClientSession() as session, session.get(self.url + path) as response:
+            assert response.status == 200, await response.text()
+            return await response.text()
+
+    async def size(self) -> int:
+        """The log size of ``main`` in the hub's current checkpoint."""
+        return int((await self.get_text(f"/v1/collections/{COLLECTION}/checkpoint")).split("\n")[1])
+
     async def get(self, path: str) -> Any:
         async with aiohttp.ClientSession() as session, session.get(self.url + path) as response:
             assert response.status == 200, await response.text()

@@ -38,6 +38,7 @@ def open_node(data: DataDir, *, searchable: bool = True) -> Node:
         federation=config.federation,
         hub_key=signer.verifier,
         signer=signer,
+        retired=data.retired_signers(),
         limits=config.limits,
         index_dir=data.index_dir,
         signed_dir=data.signed_dir,

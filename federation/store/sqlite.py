@@ -22,7 +22,7 @@ from pathlib import Path
 from ..durable import create_private_file
 from ..keys import VerifierKey
 from ..merkle import HashKey
-from ..state import KeyRecord, ListingChange
+from ..state import HubKeyRecord, KeyRecord, ListingChange
 from .base import EntryRecord, ListingDetail, SourceRecord, StoreError
 from .sqlite_schema import PROJECTION_TABLES, SCHEMA, SCHEMA_VERSION, ensure_schema
 from .sqlite_sources import (
@@ -33,7 +33,7 @@ from .sqlite_sources import (
     record_source,
     resume_source,
 )
-from .sqlite_txn import SqliteTxn, key_record_from_row, read_tree
+from .sqlite_txn import SqliteTxn, key_record_from_row, read_hub_keys, read_tree
 from .storage_faults import check_reserve, storage_fault
 
 JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
@@ -229,6 +229,10 @@ class SqliteStore:
             .fetchone()
         )
         return EntryRecord(int(row[0]), bytes(row[1]), bytes(row[2])) if row else None
+
+    def hub_keys(self, collection: str) -> list[HubKeyRecord]:
+        """The collection's hub key rotations, in log order."""
+        return read_hub_keys(self._conn(), collection)
 
     def keys(self, collection: str) -> list[KeyRecord]:
         rows = self._conn().execute(

@@ -13,7 +13,7 @@ from pathlib import Path
 from .base import StoreError
 
 SCHEMA_VERSION = 1
-PROJECTION_TABLES = ("keys", "seqs", "listings", "contents", "opinions", "changes")
+PROJECTION_TABLES = ("keys", "seqs", "listings", "contents", "opinions", "changes", "hub_keys")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -36,6 +36,11 @@ CREATE TABLE IF NOT EXISTS keys (
     PRIMARY KEY (collection, key_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS keys_by_id ON keys (key_id);
+CREATE TABLE IF NOT EXISTS hub_keys (
+    collection TEXT NOT NULL, idx INTEGER NOT NULL, key TEXT NOT NULL, previous TEXT NOT NULL,
+    previous_until INTEGER NOT NULL,
+    PRIMARY KEY (collection, idx)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS seqs (
     collection TEXT NOT NULL, key_id TEXT NOT NULL, seq INTEGER NOT NULL,
     PRIMARY KEY (collection, key_id)
@@ -69,7 +74,8 @@ CREATE TABLE IF NOT EXISTS evidence (
 );
 """
 """Tables ``sources`` and ``evidence`` (mirrored collections, federation.sync) and
-``contents`` (what a signal type keeps beside a listed hash: a video's frames) were added
+``contents`` (what a signal type keeps beside a listed hash: a video's frames) and ``hub_keys``
+(hub key rotations) were added
 after version 1 without changing it: ``CREATE TABLE IF NOT EXISTS`` adds them to an
 older file on open, and nothing that reads version 1 needs them."""
 

@@ -8,7 +8,7 @@ from collections.abc import Iterator, Sequence
 
 from ..keys import VerifierKey
 from ..merkle import HashKey, append_keys, hashes_to_store, leaf_hash
-from ..state import KeyRecord, ListingChange
+from ..state import HubKeyRecord, KeyRecord, ListingChange
 from .base import EntryRecord, StoreError
 
 
@@ -43,6 +43,17 @@ def key_record_from_row(
         if parsed is not None:
             parsed[key_text] = key
     return KeyRecord(key, frozenset(json.loads(rights)), granted, revoked)
+
+
+def read_hub_keys(conn: sqlite3.Connection, collection: str) -> list[HubKeyRecord]:
+    rows = conn.execute(
+        "SELECT key, idx, previous, previous_until FROM hub_keys WHERE collection = ? ORDER BY idx",
+        (collection,),
+    )
+    return [
+        HubKeyRecord(VerifierKey.parse(key), int(index), VerifierKey.parse(previous), int(until))
+        for key, index, previous, until in rows
+    ]
 
 
 class SqliteTxn:
@@ -123,6 +134,21 @@ class SqliteTxn:
             (self._collection, signal, hash_hex),
         ).fetchone()
         return int(row[0])
+
+    def hub_keys(self) -> list[HubKeyRecord]:
+        return read_hub_keys(self._conn, self._collection)
+
+    def put_hub_key(self, record: HubKeyRecord) -> None:
+        self._conn.execute(
+            "INSERT INTO hub_keys (collection, idx, key, previous, previous_until) VALUES (?, ?, ?, ?, ?)",
+            (
+                self._collection,
+                record.index,
+                record.key.encode(),
+                record.previous.encode(),
+                record.previous_until,
+            ),
+        )
 
     def put_key(self, record: KeyRecord) -> None:
         self._conn.execute(

@@ -27,7 +27,7 @@ import aiohttp
 from ..cli_output import plural
 from ..client import MAX_JSON_BYTES, HubClient, HubError, new_client_session, read_limited
 from ..config import ConfigError
-from ..keys import VerifierKey, load_signer_file
+from ..keys import load_signer_file, parse_key_chain
 from ..signals import LookupDefaults, parse_query
 from ..tls import add_tls_options
 from .mirror import MirrorConfig, MirrorDir, lookup
@@ -159,9 +159,10 @@ def _path_or(given: str | None, kept: str) -> str:
 
 
 def _pin(text: str) -> str:
+    """The pinned key (or a hub's keys after a rotation, oldest first: its hub.keys), from text or a file."""
     path = Path(text)
-    key = VerifierKey.parse(path.read_text().strip() if path.is_file() else text)
-    return key.encode()
+    keys = parse_key_chain(path.read_text() if path.is_file() else text)
+    return " ".join(key.encode() for key in keys)
 
 
 def _mirror_config(args: argparse.Namespace, mirror: MirrorDir) -> MirrorConfig:

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..config import INDEX_DIR, ConfigError
 from ..durable import make_private_directory, write_atomically
-from ..keys import KeyFormatError, VerifierKey
+from ..keys import KeyFormatError, parse_key_chain
 from ..node import Node
 from ..signals import Query
 from ..store.sqlite import SqliteStore
@@ -55,7 +55,7 @@ class MirrorConfig:
 
     def spec(self) -> SourceSpec:
         try:
-            return SourceSpec.make(self.hub, VerifierKey.parse(self.pin), self.collection)
+            return SourceSpec.make(self.hub, parse_key_chain(self.pin), self.collection)
         except (KeyFormatError, ValueError) as exc:
             raise ConfigError(str(exc)) from exc
 

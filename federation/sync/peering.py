@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 from ..client import HubClient, HubError
 from ..config import ConfigError, PeerConfig
 from ..envelope import utc_now
-from ..keys import VerifierKey, load_signer_file
+from ..keys import load_signer_file, parse_key_chain
 from ..node import Node
 from ..tls import ClientTls
 from .puller import ByteCounter, Puller, SourceSpec, SyncProgress, new_session
@@ -131,7 +131,7 @@ class Peering:
                     f"peer {config.url}: cannot read member_key {config.member_key}: {exc.strerror or exc}"
                 ) from exc
             for collection in config.collections:
-                if VerifierKey.parse(config.origin_key(collection)).key_id == node.hub_key.key_id:
+                if parse_key_chain(config.origin_key(collection))[0].key_id in node.keyring:
                     raise ConfigError(f"peer {config.url}: {collection} is this hub's own log")
 
     async def _run(self, fn: Callable[[], T]) -> T:
@@ -151,9 +151,7 @@ class Peering:
             )
             pullers, states = [], []
             for collection in config.collections:
-                spec = SourceSpec.make(
-                    config.url, VerifierKey.parse(config.origin_key(collection)), collection
-                )
+                spec = SourceSpec.make(config.url, parse_key_chain(config.origin_key(collection)), collection)
                 state = SourceState(spec)
                 pullers.append(
                     Puller(self.node, spec, client, self._run, counter=counter, on_progress=state.progress)
@@ -176,7 +174,7 @@ class Peering:
         return [
             {
                 "url": peer.config.url,
-                "hub": VerifierKey.parse(peer.config.key).name,
+                "hub": parse_key_chain(peer.config.key)[0].name,
                 "key": peer.config.key,
                 "bytes_received": peer.counter.total,
                 "sources": [state.to_json() for state in peer.states],

@@ -32,7 +32,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, TypeVar
 
@@ -102,8 +102,11 @@ class SourceSpec:
         return local_name(self.origin.hub, self.origin.collection)
 
     @classmethod
-    def make(cls, url: str, key: VerifierKey, remote: str) -> SourceSpec:
-        """``remote`` as named at ``url``; ``key`` is the origin hub's key (its name is the hub's name)."""
+    def make(cls, url: str, keys: VerifierKey | Sequence[VerifierKey], remote: str) -> SourceSpec:
+        """``remote`` as named at ``url``; ``keys`` is the origin hub's key (its name is the hub's name),
+        or its keys oldest first after rotations."""
+        chain = (keys,) if isinstance(keys, VerifierKey) else tuple(keys)
+        key = chain[0]
         match = _REMOTE.fullmatch(remote)
         if match is None or match.group(2) in {".", ".."}:
             raise ValueError(
@@ -115,7 +118,7 @@ class SourceSpec:
             raise ValueError(
                 f"collection {remote!r} is relayed from hub {hub!r}: pin that hub's key, not {key.key_id}"
             )
-        return cls(url.rstrip("/"), remote, Origin(key.name, collection, key, url.rstrip("/")))
+        return cls(url.rstrip("/"), remote, Origin(key.name, collection, key, url.rstrip("/"), chain[1:]))
 
 
 @dataclass(frozen=True)
@@ -281,10 +284,35 @@ class Puller:
             raise SourceStopped(Evidence.from_json(json.loads(evidence[-1])))
         return record
 
+    def _origin(self, *, held: bool = False) -> Origin:
+        """The origin with the hub keys whose checkpoints are accepted now (worker thread).
+
+        The key in force is the pinned first key handed on by every rotation
+        verified in the local log; during a rotation's overlap the key before
+        it is accepted too, and so are keys pinned ahead of the local log (a
+        new mirror that pinned ``hub.keys``). A key rotated away from whose
+        overlap has ended is refused. Notes already ``held`` were verified
+        when they came, so every key of the log's history opens them.
+        """
+        origin = self.spec.origin
+        rotations = self.node.store.hub_keys(self.spec.name) if self.node.store.source(self.spec.name) else []
+        history = {key.key_id: key for key in (origin.key, *origin.later)}
+        for rotation in rotations:
+            history.setdefault(rotation.previous.key_id, rotation.previous)
+            history.setdefault(rotation.key.key_id, rotation.key)
+        if held:
+            return replace(origin, accepted=tuple(history.values()))
+        now = time.time()
+        ended = {rotation.previous.key_id for rotation in rotations if rotation.previous_until <= now}
+        in_force = rotations[-1].key if rotations else origin.key
+        candidates = [in_force, *origin.later, *(r.previous for r in rotations if r.previous_until > now)]
+        accepted = {key.key_id: key for key in candidates if key.key_id not in ended or key == in_force}
+        return replace(origin, accepted=tuple(accepted.values()))
+
     def _known(self, record: SourceRecord | None) -> Known:
         if record is None:
             return Known(None, None, 0)
-        origin = self.spec.origin
+        origin = self._origin(held=True)
         reached = None if record.checkpoint is None else SignedCheckpoint.open(record.checkpoint, origin)
         target = None if record.target is None else SignedCheckpoint.open(record.target, origin)
         return Known(reached, target, self.node.store.log_size(self.spec.name))
@@ -295,7 +323,7 @@ class Puller:
         step = plan(
             new,
             known,
-            self.spec.origin,
+            self._origin(held=True),
             lambda size: self.node.root(self.spec.name, size),
             lambda old, new_size: self.node.consistency_proof(self.spec.name, old, new_size),
         )
@@ -309,7 +337,8 @@ class Puller:
 
     async def _link(self, small: SignedCheckpoint, large: SignedCheckpoint, trusted_is_large: bool) -> None:
         proof = await self._ask(self.client.consistency_proof(self.spec.remote, small.size, large.size))
-        check_link(small, large, proof, self.spec.origin, trusted_is_large)
+        origin = await self._run(lambda: self._origin(held=True))
+        check_link(small, large, proof, origin, trusted_is_large)
 
     # ---- one round ---------------------------------------------------------
 
@@ -318,7 +347,14 @@ class Puller:
         started, bytes_before = time.monotonic(), self.counter.total
         await self._run(self._record)  # a stopped source is not even asked
         note = await self._ask(self.client.checkpoint(self.spec.remote))
-        new = SignedCheckpoint.open(note, self.spec.origin)
+        origin = await self._run(self._origin)
+        try:
+            new = SignedCheckpoint.open(note, origin)
+        except VerificationError as exc:
+            raise VerificationError(
+                f"{exc}; if the hub rotated its key and the overlap has passed, check the new key with the "
+                "hub's operator and pin it (a new mirror pins the hub's hub.keys)"
+            ) from exc
         self.source_size = new.size
         try:
             record, known, step = await self._run(lambda: self._judge(new))
@@ -456,7 +492,7 @@ class Puller:
         cannot be decided yet (the other is ahead of what the source can
         prove); raises ForkDetected, with the evidence kept, when they conflict.
         """
-        other = SignedCheckpoint.open(note, self.spec.origin)
+        other = SignedCheckpoint.open(note, await self._run(lambda: self._origin(held=True)))
         try:
             _, known, step = await self._run(lambda: self._judge(other))
             if known.reached is None:

@@ -30,7 +30,7 @@ from typing import Any
 from .. import merkle
 from ..checkpoint import CheckpointError, open_note
 from ..envelope import utc_now
-from ..keys import KeyFormatError, VerifierKey
+from ..keys import KeyFormatError, VerifierKey, parse_key_chain
 
 EVIDENCE_FORMAT = "hashfed-fork-evidence/v1"
 
@@ -62,7 +62,16 @@ class Origin:
     hub: str
     collection: str
     key: VerifierKey
+    """The pinned key the log started with (its first membership entry is signed by it)."""
     url: str
+    later: tuple[VerifierKey, ...] = ()
+    """Keys pinned with it that the hub rotated to later (a pinned ``hub.keys``), oldest first."""
+    accepted: tuple[VerifierKey, ...] = ()
+    """Keys whose checkpoints are accepted now (empty: every pinned key); see ``Puller._origin``."""
+
+    @property
+    def checkpoint_keys(self) -> tuple[VerifierKey, ...]:
+        return self.accepted or (self.key, *self.later)
 
     @property
     def checkpoint_origin(self) -> str:
@@ -81,7 +90,7 @@ class SignedCheckpoint:
     @classmethod
     def open(cls, note: str, origin: Origin) -> SignedCheckpoint:
         try:
-            checkpoint = open_note(note, origin.key)
+            checkpoint = open_note(note, origin.checkpoint_keys)
         except CheckpointError as exc:
             raise VerificationError(f"checkpoint from {origin.url} refused: {exc}") from exc
         if checkpoint.origin != origin.checkpoint_origin:
@@ -173,17 +182,18 @@ class Evidence:
     def check(self) -> str:
         """Re-verify the evidence from its own contents; return what it shows, or raise VerificationError."""
         try:
-            key = VerifierKey.parse(self.key)
+            keys = parse_key_chain(self.key)  # the hub's keys when it signed them, after rotations
         except KeyFormatError as exc:
             raise VerificationError(f"evidence key: {exc}") from exc
-        origin = Origin(self.hub, self.collection, key, "evidence")
+        key = keys[0]
+        origin = Origin(self.hub, self.collection, key, "evidence", keys[1:])
         trusted = SignedCheckpoint.open(self.trusted, origin)
         conflicting = SignedCheckpoint.open(self.conflicting, origin)
         small, large = sorted((trusted, conflicting), key=lambda c: c.size)
         if self.reason == SAME_SIZE:
             if trusted.size != conflicting.size or trusted.root == conflicting.root:
                 raise VerificationError("same-size evidence needs two notes of one size with different roots")
-            return f"two trees of size {trusted.size} signed by {key.key_id}"
+            return f"two trees of size {trusted.size} signed by hub {key.name}"
         if (self.proof_old, self.proof_new) != (small.size, large.size) or small.size == large.size:
             raise VerificationError("the evidence proof does not link the sizes of its two notes")
         if self.reason == ROLLBACK:
@@ -227,7 +237,7 @@ def _evidence(
         reason=reason,
         hub=origin.hub,
         collection=origin.collection,
-        key=origin.key.encode(),
+        key=" ".join(key.encode() for key in origin.checkpoint_keys),
         trusted=trusted.note,
         conflicting=conflicting.note,
         proof_old=small,
