@@ -146,7 +146,7 @@ def rotate_hub_key(
             new = SignerKey.generate(old.name)
             write_signer_file(new, data.next_signer_file)
         node = open_node(data, searchable=False)
-        node.keyring[new.key_id] = new
+        node.keys.add(new)
         try:
             rotated = {
                 collection: (

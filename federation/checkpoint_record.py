@@ -132,3 +132,16 @@ def check_extends(
             f"of {last.size} entries this hub already signed ({exc}); its stored tree hashes or entries "
             f"were changed or lost; {RECOVERY_HINT}"
         ) from exc
+
+
+def check_stored_log(collection: str, last: Checkpoint | None, size: int, reader: merkle.HashReader) -> None:
+    """At start: raise :class:`HistoryMismatch` unless the stored log of ``size`` entries extends ``last``."""
+    if last is None:
+        return
+    try:
+        root = merkle.root(reader, size)
+    except StoreError as exc:
+        raise HistoryMismatch(
+            f"collection {collection}: the stored tree cannot be read ({exc}); {RECOVERY_HINT}"
+        ) from exc
+    check_extends(collection, last, size, root, reader)

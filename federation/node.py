@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import merkle
 from .checkpoint import Checkpoint
-from .checkpoint_record import RECOVERY_HINT, CheckpointRecord, HistoryMismatch, check_extends
+from .checkpoint_record import CheckpointRecord, check_extends, check_stored_log
 from .envelope import (
     HUB_KEY_TYPE,
     MEMBERSHIP_TYPE,
@@ -31,17 +31,14 @@ from .envelope import (
     sign_envelope,
     utc_now,
 )
+from .hub_keys import HubKeyring
 from .index.budget import MatchBudget
 from .index.live import IndexCatalog
 from .keys import SignerKey, VerifierKey, check_collection_name
+from .replay import REPLAY_LIMITS, replay_log
 from .signals import Query
 from .state import LogContext, Refusal, apply_entry, check_entry, check_first_entry, check_signer
 from .store.base import CollectionTxn, EntryRecord, HubStore, SourceRecord, StoreError
-
-REPLAY_LIMITS = Limits(
-    max_items=2**31, max_labels_per_item=2**31, max_label_length=2**31, max_note_length=2**31
-)
-"""Entries already in the log were accepted under the limits of their day; replay does not re-judge them."""
 
 
 class UnknownCollection(LookupError):
@@ -129,17 +126,14 @@ class Node:
         self.federation = federation
         self.hub_key = hub_key
         self.signer = signer
-        self.keyring = {key.key_id: key for key in (*retired, *([signer] if signer else []))}
+        self.keys = HubKeyring(store, hub_key, (*retired, *([signer] if signer else [])))
         """Every hub key this node holds: the current one and those it rotated away from."""
         self.limits = limits or Limits()
         self.indexes = IndexCatalog(store, index_dir)
         self.searchable = searchable
         """False for a node that only writes (admin commands): it keeps no search index,
         and a serving hub catches its own index up from the store."""
-        self.signed = CheckpointRecord(
-            signed_dir, [hub_key, *(key.verifier for key in self.keyring.values())]
-        )
-        self._genesis: dict[str, VerifierKey] = {}
+        self.signed = CheckpointRecord(signed_dir, self.keys.verifiers())
         """The last checkpoint signed per collection, kept outside the database (None: in memory)."""
         self._checkpoints: dict[str, tuple[int, str]] = {}
         self._checkpoint_lock = threading.Lock()
@@ -158,49 +152,11 @@ class Node:
         source = self.store.source(collection)
         if source is not None:
             return source_context(source)
-        return LogContext(self.federation, collection, self.genesis_key(collection))
-
-    def genesis_key(self, collection: str) -> VerifierKey:
-        """The hub key an own collection's log started with: the signer of its first entry.
-
-        Before any rotation that is the hub's key; after one, the first entry
-        was signed by a key this hub has rotated away from (kept in its keyring).
-        """
-        known = self._genesis.get(collection)
-        if known is not None:
-            return known
-        first = self.store.entries(collection, 0, 1)
-        key = self.hub_key
-        if first:
-            signer = self.keyring.get(Envelope.parse(first[0].data).signer_key_id)
-            if signer is not None:
-                key = signer.verifier
-            self._genesis[collection] = key
-        return key
+        return LogContext(self.federation, collection, self.keys.first_key(collection))
 
     def hub_key_in_force(self, collection: str) -> VerifierKey:
         """The key that signs a collection's membership entries, rotations and checkpoints now."""
-        rotations = self.store.hub_keys(collection)
-        return rotations[-1].key if rotations else self.context(collection).hub_key
-
-    def _signer_for(self, collection: str) -> SignerKey:
-        in_force = self.hub_key_in_force(collection)
-        signer = self.keyring.get(in_force.key_id)
-        if signer is None:
-            raise RuntimeError(
-                f"collection {collection} is signed by hub key {in_force.key_id}, which this hub does not hold"
-            )
-        return signer
-
-    def _checkpoint_signers(self, collection: str) -> list[SignerKey]:
-        """The key in force, and during a rotation's overlap the key before it as well."""
-        signers = [self._signer_for(collection)]
-        rotations = self.store.hub_keys(collection)
-        if rotations and rotations[-1].previous_until > time.time():
-            previous = self.keyring.get(rotations[-1].previous.key_id)
-            if previous is not None:
-                signers.append(previous)
-        return signers
+        return self.keys.in_force(collection)
 
     def check_signed_history(self) -> None:
         """Refuse to go on if any own collection's log contradicts a checkpoint this hub signed.
@@ -210,18 +166,8 @@ class Node:
         :class:`HistoryMismatch` saying what was found and how to recover.
         """
         for collection in self.own_collections():
-            last = self.signed.last(collection)
-            if last is None:
-                continue
             size = self.store.log_size(collection)
-            reader = _Reader(self.store, collection)
-            try:
-                root = merkle.root(reader, size)
-            except StoreError as exc:
-                raise HistoryMismatch(
-                    f"collection {collection}: the stored tree cannot be read ({exc}); {RECOVERY_HINT}"
-                ) from exc
-            check_extends(collection, last, size, root, reader)
+            check_stored_log(collection, self.signed.last(collection), size, _Reader(self.store, collection))
 
     def load(self) -> None:
         """Build every collection's indexes (startup; ``/v1/ready`` waits for this)."""
@@ -329,7 +275,7 @@ class Node:
         if self.signer is None:
             raise RuntimeError("this node has no hub signer key; membership entries need one")
         for attempt in range(5):
-            signer = self._signer_for(collection)
+            signer = self.keys.signer(collection)
             with self.store.write(collection) as txn:
                 seq = max(txn.last_seq(signer.key_id) + 1, time.time_ns() // 1000)
             header = Header(self.federation, collection, seq, utc_now())
@@ -349,37 +295,11 @@ class Node:
         same apply function as ingest, over the stored log. The stored tree
         hashes are checked against a root recomputed from the entries alone.
         """
-        frontier = merkle.Frontier()
-        expected: list[tuple[merkle.HashKey, bytes]] = []
-        context = self.context(collection)
-        with self.store.rebuild(collection) as txn:
-            for record in txn.logged_entries():
-                if merkle.leaf_hash(record.data) != record.leaf_hash:
-                    raise StoreError(
-                        f"{collection} entry {record.index}: stored leaf hash does not match its data"
-                    )
-                try:
-                    envelope = Envelope.parse(record.data)
-                    payload = parse_payload(envelope.payload_type, envelope.payload, REPLAY_LIMITS)
-                    signer = check_entry(envelope, payload, context, txn)
-                except (EnvelopeError, Refusal) as exc:
-                    raise StoreError(f"{collection} entry {record.index} fails verification: {exc}") from exc
-                if envelope.canonical() != record.data:
-                    raise StoreError(f"{collection} entry {record.index} is not in canonical form")
-                txn.replayed(record)
-                apply_entry(record.index, signer, payload, txn)
-                expected.extend(frontier.append(record.leaf_hash))
-                if len(expected) >= 4096:
-                    _check_tree(txn, collection, expected)
-            _check_tree(txn, collection, expected)
-            if frontier.size != self.store.log_size(collection):
-                raise StoreError(
-                    f"{collection}: the log size on record does not match its {frontier.size} entries"
-                )
+        size = replay_log(self.store, collection, self.context(collection))
         self.indexes.forget(collection)
         if self.searchable:
             self.indexes.catch_up(collection)
-        return frontier.size
+        return size
 
     # ---- mirrored collections (federation.sync) ---------------------------
 
@@ -469,7 +389,7 @@ class Node:
                 root = merkle.root(reader, size)
                 check_extends(collection, last, size, root, reader)
                 note = Checkpoint(f"{self.name}/{collection}", size, root).sign(
-                    *self._checkpoint_signers(collection)
+                    *self.keys.checkpoint_signers(collection)
                 )
                 if last is None or last.size != size:
                     self.signed.remember(collection, note)
@@ -559,17 +479,6 @@ def _append(
     entry = txn.append(data)
     apply_entry(entry.index, signer, payload, txn)
     return entry
-
-
-def _check_tree(
-    reader: merkle.HashReader, collection: str, expected: list[tuple[merkle.HashKey, bytes]]
-) -> None:
-    """Compare stored subtree hashes with ones recomputed from the entries; empty the list."""
-    stored = reader.read_hashes([key for key, _ in expected])
-    for (key, value), found in zip(expected, stored, strict=True):
-        if value != found:
-            raise StoreError(f"{collection}: stored tree hash {key} does not match the entries")
-    expected.clear()
 
 
 class _Reader:

@@ -177,7 +177,7 @@ def test_only_the_hub_key_in_force_may_rotate(tmp_path: Path) -> None:
         assert (by_member.status, by_member.kind) == (403, "not-hub-key")
         assert node.store.hub_keys(COLLECTION) == []
 
-        node.keyring[newer.key_id] = newer
+        node.keys.add(newer)
         assert node.rotate_key(COLLECTION, newer, DAY) is not None
         back = rotation(newer, newer.verifier, old.verifier)
         assert (back.status, back.kind) == (409, "key-reused")

@@ -131,7 +131,9 @@ class Peering:
                     f"peer {config.url}: cannot read member_key {config.member_key}: {exc.strerror or exc}"
                 ) from exc
             for collection in config.collections:
-                if parse_key_chain(config.origin_key(collection))[0].key_id in node.keyring:
+                if parse_key_chain(config.origin_key(collection))[0].key_id in {
+                    key.key_id for key in node.keys.verifiers()
+                }:
                     raise ConfigError(f"peer {config.url}: {collection} is this hub's own log")
 
     async def _run(self, fn: Callable[[], T]) -> T:

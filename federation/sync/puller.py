@@ -41,7 +41,8 @@ import aiohttp
 from ..client import AnswerRefused, HubClient, HubError, new_client_session
 from ..envelope import Envelope, EnvelopeError, parse_payload
 from ..keys import VerifierKey
-from ..node import REPLAY_LIMITS, Node
+from ..node import Node
+from ..replay import REPLAY_LIMITS
 from ..state import Refusal
 from ..store.base import SourceRecord
 from ..tls import ClientTls
