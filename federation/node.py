@@ -18,6 +18,7 @@ from .checkpoint import Checkpoint
 from .checkpoint_record import CheckpointRecord, check_extends, check_stored_log
 from .envelope import (
     HUB_KEY_TYPE,
+    HUB_PAYLOAD_TYPES,
     MEMBERSHIP_TYPE,
     Envelope,
     EnvelopeError,
@@ -211,7 +212,10 @@ class Node:
         check_first_entry(envelope, context, self.store.log_size(collection))
         memberships = self.store.key_memberships(envelope.signer_key_id)
         record = next((r for c, r in memberships if c == collection), None)
-        check_signer(envelope, context, record, self.hub_key_in_force(collection))
+        hub_entry = envelope.payload_type in HUB_PAYLOAD_TYPES  # only those need the key in force
+        check_signer(
+            envelope, context, record, self.hub_key_in_force(collection) if hub_entry else context.hub_key
+        )
         try:
             payload = parse_payload(envelope.payload_type, envelope.payload, self.limits)
         except EnvelopeError as exc:
