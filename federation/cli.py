@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import textwrap
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -175,7 +176,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     data = DataDir(Path(args.dir))
     data.config()  # a configuration problem is reported before the server starts
-    serve(data, args.host, args.port)
+    serve(data, args.host, args.port, args.log_format)
     return 0
 
 
@@ -183,6 +184,24 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
     replayed = admin.rebuild(DataDir(Path(args.dir)))
     for collection, count in replayed.items():
         print(f"{collection}: replayed {count:,} log entries")
+    return 0
+
+
+def cmd_console_token(args: argparse.Namespace) -> int:
+    from .console.access import ConsoleAccess
+
+    data = DataDir(Path(args.dir))
+    data.config()
+    token, expiry = ConsoleAccess(data.console_tokens_file).issue(args.hours)
+    config = data.config()
+    scheme = "https" if config.tls_cert else "http"
+    host = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
+    print(
+        f"open {scheme}://{host}:{config.port}/console/ and log in with this token; it works until "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(expiry))} (only its hash is kept)",
+        file=sys.stderr,
+    )
+    print(token)
     return 0
 
 
@@ -416,8 +435,18 @@ def _add_admin_commands(sub: Any) -> None:
     p = _dir_command(sub, "serve", cmd_serve)
     p.add_argument("--host", help="address to listen on (default: hub.toml)")
     p.add_argument("--port", type=_int_in(0, 65535), help="port (default: hub.toml)")
+    p.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="text lines for people, or one JSON object per line for a log stack (default text)",
+    )
 
     _dir_command(sub, "rebuild", cmd_rebuild)
+    p = _dir_command(sub, "console-token", cmd_console_token)
+    p.add_argument(
+        "--hours", type=float, default=8.0, metavar="H", help="how long the token lets one log in (default 8)"
+    )
     p = _dir_command(sub, "rotate-key", cmd_rotate_key)
     p.add_argument(
         "--overlap-days",

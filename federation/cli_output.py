@@ -196,6 +196,13 @@ HELP: dict[str, tuple[str, str, str]] = {
         "(stop the hub first).",
         "hashfed rebuild /srv/hashfed",
     ),
+    "console-token": (
+        "issue a login token for the web console",
+        "Print a token that logs a browser in to the hub's console at /console/ (overview, members, log, "
+        "peers, refusals, lookup) until it expires; only its SHA-256 is stored, in DIR. The console "
+        "answers only callers from hub.toml console_allow (loopback unless changed).",
+        "hashfed console-token /srv/hashfed\nhashfed console-token /srv/hashfed --hours 1",
+    ),
     "rotate-key": (
         "hand the hub over to a new hub key",
         "Make a new hub key and append to every collection's log an entry, signed by the current "

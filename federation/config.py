@@ -14,6 +14,7 @@ Layout::
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 import tomllib
@@ -35,6 +36,13 @@ SIGNED_DIR = "signed"
 RETIRED_DIR = "retired"
 NEXT_SIGNER_FILE = "hub.key.next"
 KEY_CHAIN_FILE = "hub.keys"
+
+
+def parse_networks(text: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """``metrics_allow``: networks separated by spaces or commas (``*`` for any caller, empty for none)."""
+    if text.strip() == "*":
+        return [ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")]
+    return [ipaddress.ip_network(part, strict=False) for part in text.replace(",", " ").split()]
 
 
 class ConfigError(ValueError):
@@ -184,7 +192,9 @@ _SECONDS_OR_RATES = frozenset(
     }
 )
 """Settings that take a number, integer or not; every other number setting is an integer."""
-_STRING_SETTINGS = frozenset({"name", "federation", "host", "tls_cert", "tls_key", "tls_client_ca"})
+_STRING_SETTINGS = frozenset(
+    {"name", "federation", "host", "tls_cert", "tls_key", "tls_client_ca", "metrics_allow", "console_allow"}
+)
 _POSITIVE = (
     "max_connections",
     "keepalive_timeout_seconds",
@@ -258,6 +268,10 @@ class HubConfig:
     photodna_max_distance: int = 30_000
     """Default squared Euclidean distance for PhotoDNA queries that give none (0-9,363,600)."""
     min_free_bytes: int = 64 * 1024 * 1024
+    metrics_allow: str = "127.0.0.0/8 ::1"
+    """Networks whose callers may read ``GET /metrics`` (spaces or commas between them; ``*``: anyone)."""
+    console_allow: str = "127.0.0.0/8 ::1"
+    """Networks whose callers may use the console at ``/console/`` (they still need a login token)."""
     tls_cert: str = ""
     """PEM certificate chain the hub serves HTTPS with (relative to the data directory); empty: plain HTTP."""
     tls_key: str = ""
@@ -277,6 +291,11 @@ class HubConfig:
         for name in _NON_NEGATIVE:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be 0 or more, got {getattr(self, name)!r}")
+        for setting in ("metrics_allow", "console_allow"):
+            try:
+                parse_networks(getattr(self, setting))
+            except ValueError as exc:
+                raise ConfigError(f'{setting}: {exc} (give networks like "127.0.0.0/8 ::1", or "*")') from exc
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("tls_cert and tls_key go together: set both to serve HTTPS, or neither")
         if self.tls_client_ca and not self.tls_cert:
@@ -375,6 +394,11 @@ class DataDir:
     def signed_dir(self) -> Path:
         """The last checkpoint signed per collection: what the hub has published and must extend."""
         return self.path / SIGNED_DIR
+
+    @property
+    def console_tokens_file(self) -> Path:
+        """Hashes and expiries of console login tokens (``hashfed console-token``)."""
+        return self.path / "console-tokens.json"
 
     @property
     def retired_dir(self) -> Path:

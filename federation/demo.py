@@ -462,6 +462,9 @@ def summary(args: argparse.Namespace, data: DataDir, demo: Demo, kept: bool, sec
         print(f"  hashfed serve {data.path}    # serve this hub again, on {url}")
         print(f"  {lookup}    # in another terminal")
         print(f"  hashfed member list {data.path}    # who holds which key")
+        print(
+            f"  hashfed console-token {data.path}    # then open {url}/console/ while it serves, and log in"
+        )
     else:
         print("Hub data: a temporary directory, now removed.\n\nTry next:")
         print("  hashfed demo --keep    # keep the hub's data directory; it then prints how to serve it")

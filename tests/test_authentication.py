@@ -60,6 +60,8 @@ REPO = Path(__file__).resolve().parents[1]
 READ_WRITE = frozenset({"read", "write"})
 OPENAPI = ("GET", "/v1/openapi.yaml")
 """Public as well (docs/architecture.md): the API's description, which holds no data."""
+METRICS = ("GET", "/metrics")
+"""Unsigned too: the operator's Prometheus scrapes it, from the networks hub.toml allows (loopback here)."""
 EXPECTED_PUBLIC = {
     ("GET", "/v1/health"),
     ("GET", "/v1/ready"),
@@ -84,7 +86,7 @@ def documented_public() -> set[tuple[str, str]]:
 
 def public_routes(app: web.Application) -> set[tuple[str, str]]:
     routes = {(route.method, route.resource.canonical) for route in app.router.routes() if route.resource}
-    public = documented_public() | ({OPENAPI} & routes)
+    public = documented_public() | ({OPENAPI, METRICS} & routes)
     return public | {("HEAD", path) for method, path in public if method == "GET"}
 
 

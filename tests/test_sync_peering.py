@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from federation.client import HubClient, HubError, next_seq
 from federation.config import ConfigError, HubConfig, PeerConfig
@@ -200,7 +202,10 @@ async def test_a_broken_peer_never_slows_lookups_and_sync_resumes(tmp_path: Path
         await origin.stop()
 
 
-async def test_a_peering_hub_catches_a_fork_and_keeps_what_it_verified(tmp_path: Path) -> None:
+async def test_a_peering_hub_catches_a_fork_and_keeps_what_it_verified(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="hashfed.sync")
     origin = make_hub(tmp_path, "origin", {"acme": READ_WRITE})
     local = make_hub(tmp_path, "local", {"reader": READ})
     forked = clone_hub(origin, tmp_path, "forked")
@@ -222,9 +227,18 @@ async def test_a_peering_hub_catches_a_fork_and_keeps_what_it_verified(tmp_path:
             return dict((await local.get("/v1/peers"))["peers"][0]["sources"][0])
 
         await eventually(lambda: _is(source, "state", "ok"))
+        before = await _metrics(local)
+        assert before[("hashfed_peer_lag_entries", "origin:main")] == 0
+        assert before[("hashfed_peer_last_verified_timestamp_seconds", "origin:main")] > time.time() - 60
+        assert before[("hashfed_forks_detected_total", "origin:main")] == 0
         proxy.upstream = forked.url
         await eventually(lambda: _is(source, "state", "forked"))
         assert "FORK" in (await source())["last_error"]
+        assert (await _metrics(local))[("hashfed_forks_detected_total", "origin:main")] == 1
+        events = {record.__dict__.get("event"): record.__dict__ for record in caplog.records}
+        assert events["peer-sync"]["source"] == "origin:main" and events["peer-sync"]["entries"] >= 1
+        assert events["fork-detected"]["source"] == "origin:main"
+        assert events["fork-detected"]["reason"] == "rollback"
         (listed,) = (await local.get("/v1/sources"))["sources"]
         assert listed["forked"] and listed["evidence"][0]["reason"] == "rollback"
         assert [len(m) for m in await local.lookup("reader", [*H[:2], *H[5:8]])] == [1, 1, 0, 0, 0]
@@ -240,6 +254,17 @@ async def test_a_peering_hub_catches_a_fork_and_keeps_what_it_verified(tmp_path:
         await proxy.close()
         await forked.stop()
         await origin.stop()
+
+
+async def _metrics(hub: LiveHub) -> dict[tuple[str, str], float]:
+    """The hub's per-source metrics, read with Prometheus's own parser: (sample name, source) -> value."""
+    text = await hub.get_text("/metrics")
+    return {
+        (sample.name, sample.labels["source"]): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if "source" in sample.labels
+    }
 
 
 async def _is(read: Callable[[], Awaitable[dict[str, Any]]], field: str, value: Any) -> bool:

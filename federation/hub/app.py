@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -12,10 +13,12 @@ from typing import TypeVar
 from aiohttp import web
 
 from ..config import HubConfig
+from ..console.access import ConsoleAccess
 from ..node import Node
 from ..sync.peering import Peering
 from .batching import LookupBatcher
 from .limits import ADMISSION, Admission, RequestGuard, handler_args, limit_middlewares, rate_limiter
+from .metrics import METRICS, HubMetrics, metrics_middleware
 from .problems import MAX_BODY, problem_middleware
 from .sending import SendDeadline, StreamSlots, send_deadline_middleware
 
@@ -54,6 +57,9 @@ class HubRuntime:
     ready: bool = False
     peering: Peering | None = None
     """Background mirroring of the peers named in hub.toml (None: no peers)."""
+    metrics: HubMetrics | None = None
+    started: float = field(default_factory=time.monotonic)
+    """When the application was made (the console shows uptime)."""
 
     def __post_init__(self) -> None:
         self.streams = StreamSlots(self.config.max_streams, self.config.max_streams_per_key)
@@ -77,7 +83,8 @@ class HubRuntime:
 RUNTIME = web.AppKey("runtime", HubRuntime)
 
 
-def create_app(node: Node, config: HubConfig) -> web.Application:
+def create_app(node: Node, config: HubConfig, console: ConsoleAccess | None = None) -> web.Application:
+    """The hub's application; with ``console``, the operator's console under ``/console/`` too."""
     from .routes import add_routes
 
     runtime = HubRuntime(node, config, guard=RequestGuard(rate_limiter(config)))
@@ -87,6 +94,7 @@ def create_app(node: Node, config: HubConfig) -> web.Application:
     admission = Admission(config.max_inflight, config.max_queued, config.queue_timeout_seconds)
     app = web.Application(
         middlewares=[
+            metrics_middleware,
             send_deadline_middleware(runtime.deadline),
             problem_middleware,
             *limit_middlewares(config, admission, _authenticate_headers),
@@ -99,6 +107,15 @@ def create_app(node: Node, config: HubConfig) -> web.Application:
         runtime.peering = Peering(node, config.peers)
     app[RUNTIME] = runtime
     app[MAX_BODY] = config.max_body_bytes
+    metrics = app[METRICS] = HubMetrics(
+        node, lambda: runtime.peering.status() if runtime.peering is not None else [], config.metrics_allow
+    )
+    runtime.metrics = metrics
+    node.indexes.on_merge = metrics.merged
+    if console is not None:
+        from ..console.web import add_console
+
+        add_console(app, console, config.console_allow)
     add_routes(app)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:

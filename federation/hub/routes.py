@@ -14,7 +14,7 @@ from .. import __version__
 from ..checkpoint_record import HistoryMismatch
 from ..envelope import Envelope, EnvelopeError, strict_json
 from ..merkle import ProofError
-from ..node import Accepted, NoCheckpointYet, NotYetSearchable, UnknownCollection
+from ..node import Accepted, NoCheckpointYet, NotYetSearchable, Prepared, UnknownCollection
 from ..signals import (
     SIGNAL_TYPES,
     DistanceError,
@@ -29,6 +29,8 @@ from ..state import Refusal
 from ..sync.wire import match_json, source_json
 from .app import RUNTIME, HubRuntime
 from .auth import Caller, SignedRequest, authenticate
+from .logs import CALLER_KEY_ID, entry_counts
+from .metrics import metrics_endpoint
 from .problems import Problem
 
 log = logging.getLogger("hashfed.hub")
@@ -45,7 +47,9 @@ def _runtime(request: web.Request) -> HubRuntime:
 async def _caller(request: web.Request, body: bytes = b"") -> Caller:
     runtime = _runtime(request)
     signed = SignedRequest.of(request)
-    return await runtime.read(lambda: authenticate(runtime.node, runtime.guard, signed, body))
+    caller = await runtime.read(lambda: authenticate(runtime.node, runtime.guard, signed, body))
+    request[CALLER_KEY_ID] = caller.key_id
+    return caller
 
 
 async def _collection(request: web.Request) -> str:
@@ -161,6 +165,19 @@ async def post_entry(request: web.Request) -> web.Response:
     except NotYetSearchable as exc:
         log.error("%s", exc)
         raise Problem(503, "appended-not-indexed", str(exc), retry_after=5) from exc
+    if accepted.created and isinstance(prepared, Prepared):
+        log.info(
+            "appended entry %d to %s",
+            accepted.entry.index,
+            collection,
+            extra={
+                "event": "entry-appended",
+                "collection": collection,
+                "index": accepted.entry.index,
+                "signer": envelope.signer_key_id,
+                **entry_counts(prepared.payload),
+            },
+        )
     return web.json_response(
         {
             "index": accepted.entry.index,
@@ -333,13 +350,14 @@ async def lookup(request: web.Request) -> web.Response:
     # One trip to a worker thread for the whole request: authentication, parsing,
     # search and serialisation. Lookups are the hot path; each hop between the
     # event loop and the pool costs more than a small search does.
-    answer = await runtime.read(lambda: _answer_lookup(runtime, signed, body))
+    answer = await runtime.read(lambda: _answer_lookup(runtime, signed, body, request))
     return web.Response(body=answer, content_type="application/json")
 
 
-def _answer_lookup(runtime: HubRuntime, signed: SignedRequest, body: bytes) -> bytes:
+def _answer_lookup(runtime: HubRuntime, signed: SignedRequest, body: bytes, request: web.Request) -> bytes:
     node = runtime.node
     caller = authenticate(node, runtime.guard, signed, body)
+    request[CALLER_KEY_ID] = caller.key_id  # for the request's log line
     queries, asked = _parse_lookup(
         _json_body(body, "lookup body"), runtime.config.max_queries, runtime.config.lookup_defaults
     )
@@ -364,6 +382,10 @@ def _answer_lookup(runtime: HubRuntime, signed: SignedRequest, body: bytes) -> b
         collections = list(dict.fromkeys(asked))
     assert runtime.batcher is not None
     answer = runtime.batcher.lookup(collections, queries)
+    if runtime.metrics is not None:
+        runtime.metrics.looked_up(
+            (query.signal.name, len(matches)) for query, matches in zip(queries, answer.results, strict=True)
+        )
     results: list[dict[str, Any]] = []
     for position, matches in enumerate(answer.results):
         result: dict[str, Any] = {"matches": [match_json(m, sources.get(m.collection)) for m in matches]}
@@ -406,6 +428,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/lookup", lookup)
     app.router.add_get("/v1/peers", peers)
     app.router.add_get("/v1/sources", sources)
+    app.router.add_get("/metrics", metrics_endpoint)
     from .openapi import openapi_document  # the API description (docs/openapi.yaml), as shipped
 
     app.router.add_get("/v1/openapi.yaml", openapi_document)

@@ -13,6 +13,7 @@ import sys
 from aiohttp import web
 
 from ..config import ConfigError, DataDir, HubConfig
+from ..console.access import ConsoleAccess
 from ..dirlock import DirectoryLock
 from ..node import Node
 from ..store.sqlite import SqliteStore
@@ -20,6 +21,7 @@ from ..store.storage_faults import free_bytes, is_read_only
 from ..tls import server_context
 from .app import create_app
 from .limits import ConnectionLimiter, LimitedTCPSite
+from .logs import RequestLogger, configure_logging
 
 SWITCH_INTERVAL = 0.0005
 
@@ -46,7 +48,7 @@ def open_node(data: DataDir, *, searchable: bool = True) -> Node:
     )
 
 
-def serve(data: DataDir, host: str | None = None, port: int | None = None) -> None:
+def serve(data: DataDir, host: str | None = None, port: int | None = None, log_format: str = "text") -> None:
     """Serve a data directory until SIGINT or SIGTERM; refuse at once, in one line, what cannot work."""
     config = data.config()
     check_storage_for_serving(data, config)
@@ -58,9 +60,9 @@ def serve(data: DataDir, host: str | None = None, port: int | None = None) -> No
     # rather than every 5 ms: with lookups in worker threads, the default
     # interval adds milliseconds of queueing to every request under load.
     sys.setswitchinterval(SWITCH_INTERVAL)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging(log_format)
     tls = tls_context(data, config)  # a bad certificate stops the start before anything runs
-    app = create_app(node, config)
+    app = create_app(node, config, ConsoleAccess(data.console_tokens_file))
     try:
         asyncio.run(
             _serve_until_signalled(
@@ -103,7 +105,7 @@ async def start_server(
     otherwise, with a site that counts them (:class:`LimitedTCPSite`). Stop
     with ``runner.cleanup()``.
     """
-    runner = web.AppRunner(app)
+    runner = web.AppRunner(app, access_log_class=RequestLogger)
     await runner.setup()
     site = LimitedTCPSite(
         runner, host, port, ConnectionLimiter(config.max_connections), ssl_context=ssl_context

@@ -24,7 +24,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
@@ -170,6 +170,8 @@ class IndexCatalog:
         self._collections: dict[str, _CollectionIndexes] = {}
         self._checked: dict[str, float] = {}
         self._unsaved: set[str] = set()
+        self.on_merge: Callable[[float], None] | None = None
+        """Told how long each merge of a large segment took (the hub's metrics)."""
         """Collections whose last snapshot could not be written (retried by :meth:`retry_snapshots`)."""
         self._lock = threading.Lock()
 
@@ -229,7 +231,7 @@ class IndexCatalog:
     def _new_index(self, collection: str, signal: SignalType, codes: Codes | None = None) -> SearchIndex:
         index = signal.new_index(codes)
         if isinstance(index, SegmentedIndex) and signal.snapshot_width:
-            index.on_merged = lambda: self._snapshot_in_background(collection)
+            index.on_merged = lambda seconds: self._merged(collection, seconds)
         return index
 
     def _add(self, collection: str, signal: SignalType, index: SearchIndex, hashes: list[str]) -> None:
@@ -301,6 +303,28 @@ class IndexCatalog:
             collections = list(self._collections)
         for collection in collections:
             self.snapshot(collection)
+
+    def _merged(self, collection: str, seconds: float) -> None:
+        log.info(
+            "merged the large index segment of %s in %.1f s",
+            collection,
+            seconds,
+            extra={"event": "index-merge", "collection": collection, "seconds": round(seconds, 3)},
+        )
+        if self.on_merge is not None:
+            self.on_merge(seconds)
+        self._snapshot_in_background(collection)
+
+    def segments(self, collection: str) -> dict[str, dict[str, int]]:
+        """Live hashes per index segment, for each type whose index has segments."""
+        with self._lock:
+            current = self._collections.get(collection)
+            indexes = dict(current.by_signal) if current else {}
+        return {
+            name: index.segment_sizes()
+            for name, index in indexes.items()
+            if isinstance(index, SegmentedIndex)
+        }
 
     def _snapshot_in_background(self, collection: str) -> None:
         def run() -> None:

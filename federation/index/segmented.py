@@ -19,6 +19,7 @@ so nothing is lost and no lookup ever waits for the build.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -129,7 +130,7 @@ class SegmentedIndex:
         distance_limit: int,
         fresh_limit: int = DEFAULT_FRESH_LIMIT,
         background_merge: bool = True,
-        on_merged: Callable[[], None] | None = None,
+        on_merged: Callable[[float], None] | None = None,
     ) -> None:
         self.signal = signal
         self.fresh_limit = fresh_limit
@@ -214,6 +215,7 @@ class SegmentedIndex:
         # Taken out of the list so the inputs can be freed before the index is
         # built: at 10M hashes each is 320 MB, and a merge already holds two segments.
         kept, fresh = parts.pop()
+        started = time.perf_counter()
         codes = merge_sorted(kept, fresh)
         del kept, fresh
         large = _Large.from_sorted(codes, self._new_large)
@@ -230,7 +232,7 @@ class SegmentedIndex:
             self._merger = None
             self.merges += 1
         if self.on_merged is not None:
-            self.on_merged()
+            self.on_merged(time.perf_counter() - started)
 
     def _live_codes(self) -> Codes:
         """Every listed code (the lock is held)."""
@@ -274,6 +276,11 @@ class SegmentedIndex:
     def __len__(self) -> int:
         with self._lock:
             return len(self._large.codes) - self._hidden + len(self._fresh)
+
+    def segment_sizes(self) -> dict[str, int]:
+        """Live hashes in the large (immutable) segment and in the fresh one."""
+        with self._lock:
+            return {"large": len(self._large.codes) - self._hidden, "fresh": len(self._fresh)}
 
     def __contains__(self, hash_hex: object) -> bool:
         try:

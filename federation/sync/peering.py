@@ -218,7 +218,7 @@ class Peering:
         """One sync of one collection; False if it failed (the peer's next round backs off)."""
         ok = True
         try:
-            await puller.sync()
+            result = await puller.sync()
         except asyncio.CancelledError:
             raise
         except ForkDetected as exc:
@@ -234,6 +234,21 @@ class Peering:
         else:
             state.state = "ok"
             state.last_sync = utc_now()
+            if result.after != result.before:
+                log.info(
+                    "peer %s: %s verified and applied entries %d to %d",
+                    puller.spec.url,
+                    puller.spec.name,
+                    result.before,
+                    result.after - 1,
+                    extra={
+                        "event": "peer-sync",
+                        "source": puller.spec.name,
+                        "entries": result.after - result.before,
+                        "log_size": result.after,
+                        "checkpoint_size": result.checkpoint,
+                    },
+                )
         state.source_size = puller.source_size
         with contextlib.suppress(Exception):
             record, size = await self._run(lambda: self._local(puller.spec.name))

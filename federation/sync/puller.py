@@ -334,7 +334,12 @@ class Puller:
         """Keep the evidence, stop the source, and say so loudly."""
         body = exc.evidence.dumps()
         await self._run(lambda: self.node.record_fork(self.spec.name, body))
-        log.error("FORK DETECTED for %s; applying from it stopped. %s", self.spec.name, exc.evidence.detail)
+        log.error(
+            "FORK DETECTED for %s; applying from it stopped. %s",
+            self.spec.name,
+            exc.evidence.detail,
+            extra={"event": "fork-detected", "source": self.spec.name, "reason": exc.evidence.reason},
+        )
 
     async def _link(self, small: SignedCheckpoint, large: SignedCheckpoint, trusted_is_large: bool) -> None:
         proof = await self._ask(self.client.consistency_proof(self.spec.remote, small.size, large.size))
