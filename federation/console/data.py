@@ -15,6 +15,7 @@ from typing import Any
 
 from .. import merkle
 from ..checkpoint import Checkpoint
+from ..checkpoint_record import HistoryMismatch
 from ..envelope import (
     BatchPayload,
     Envelope,
@@ -28,6 +29,7 @@ from ..node import Node
 from ..replay import REPLAY_LIMITS
 from ..signals import LookupDefaults, SignalError, guess_type, signal_type
 from ..state import KeyRecord
+from ..store.base import StoreError
 
 ACTIVITY_WINDOW = 5_000
 RECENT_ENTRIES = 50
@@ -58,8 +60,10 @@ def collections(node: Node) -> list[CollectionSummary]:
         try:
             note = node.checkpoint(name)
             checkpoint: Checkpoint | None = Checkpoint.parse_text(note.split("\n\n", 1)[0] + "\n")
-        except LookupError:
-            checkpoint = None  # a mirrored collection before its first verified checkpoint
+        except (LookupError, StoreError, HistoryMismatch):
+            # A mirrored collection before its first verified checkpoint, or a hub that cannot sign
+            # now (a full disk, a log that no longer extends what it signed): the page still shows.
+            checkpoint = None
         summaries.append(
             CollectionSummary(
                 name=name,
