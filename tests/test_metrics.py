@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import subprocess
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -16,6 +19,7 @@ from federation.client import HubClient
 from federation.hub import create_app, open_node
 from federation.index.segmented import DEFAULT_FRESH_LIMIT
 from tests.conftest import Federation
+from tests.faults import REPO, child_env
 from tests.helpers import Hub, assert_problem, batch_doc, envelope, flip, item, open_hub, pdq
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -116,3 +120,49 @@ async def test_only_allowed_networks_may_scrape(federation: Federation) -> None:
             assert "metrics_allow" in body["detail"]
     finally:
         await server.close()
+
+
+WORKER = """
+import sys
+from pathlib import Path
+from federation.config import DataDir
+from federation.hub import open_node
+from federation.hub.metrics import HubMetrics
+
+node = open_node(DataDir(Path(sys.argv[1])), searchable=False)
+metrics = HubMetrics(node, lambda: [], "127.0.0.1")
+for _ in range(int(sys.argv[2])):
+    metrics.requests.labels("/v1/lookup", "POST", "200").inc()
+    metrics.request_seconds.labels("/v1/lookup").observe(0.002)
+metrics.looked_up([("pdq", 2)] * int(sys.argv[2]))
+if sys.argv[3] == "scrape":
+    sys.stdout.write(metrics.exposition().decode())
+"""
+
+
+def test_several_worker_processes_are_merged_in_one_scrape(federation: Federation, tmp_path: Path) -> None:
+    """prometheus-client's multiprocess mode: what each worker counted, summed by whichever answers."""
+    shared = tmp_path / "metrics"
+    shared.mkdir()
+    env = child_env(PROMETHEUS_MULTIPROC_DIR=str(shared))
+    outputs = []
+    for requests, then in ((3, "quiet"), (4, "scrape")):
+        done = subprocess.run(
+            [sys.executable, "-c", WORKER, str(federation.data.path), str(requests), then],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env=env,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        outputs.append(done.stdout)
+    samples: Samples = {}
+    for family in text_string_to_metric_families(outputs[-1]):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    route = {"route": "/v1/lookup", "method": "POST", "status": "200"}
+    assert value(samples, "hashfed_http_requests_total", **route) == 7
+    assert value(samples, "hashfed_http_request_duration_seconds_count", route="/v1/lookup") == 7
+    assert value(samples, "hashfed_lookup_matches_total", signal="pdq") == 14
+    assert value(samples, "hashfed_log_entries", collection="main") == 2  # state, read from the store

@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import ipaddress
 import json
+import os
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from datetime import datetime
@@ -34,6 +35,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from ..config import parse_networks
@@ -45,19 +47,31 @@ NAMESPACE = "hashfed"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 MERGE_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 UNMATCHED_ROUTE = "unmatched"
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+"""Set by a supervisor of several workers: prometheus-client's multiprocess mode (see HubMetrics)."""
 RECENT_SECONDS = 3600.0
 RECENT_LIMIT = 100_000
 """Refusals remembered for the console's last-hour view, at most (a flood keeps the newest)."""
 
 
 class HubMetrics:
-    """The hub's metrics and their registry; one per application."""
+    """The hub's metrics and their registry; one per application.
+
+    With several worker processes serving one hub, the supervisor sets
+    ``PROMETHEUS_MULTIPROC_DIR`` before they start: prometheus-client then
+    keeps each worker's counters and histograms in files there, and a scrape
+    answered by any worker merges them (its multiprocess mode). The state
+    gauges are read from the shared store by whichever worker answers.
+    """
 
     def __init__(self, node: Node, peer_states: Callable[[], list[dict[str, Any]]], allow: str) -> None:
         self.registry = CollectorRegistry()
         self.allowed = parse_networks(allow)
-        ProcessCollector(namespace="", registry=self.registry)
-        PlatformCollector(registry=self.registry)
+        self._multiprocess_dir = os.environ.get(MULTIPROCESS_ENV)
+        if self._multiprocess_dir is None:  # per-process figures mean nothing summed over workers
+            ProcessCollector(namespace="", registry=self.registry)
+            PlatformCollector(registry=self.registry)
+        self._state = _StateCollector(node, peer_states)
         self.requests = Counter(
             "http_requests",
             "HTTP requests answered, by route pattern, method and status.",
@@ -110,7 +124,8 @@ class HubMetrics:
         for signal in SIGNAL_TYPES:  # every type shows up at 0 before its first lookup
             self.lookup_queries.labels(signal)
             self.lookup_matches.labels(signal)
-        self.registry.register(_StateCollector(node, peer_states))
+        if self._multiprocess_dir is None:
+            self.registry.register(self._state)
         self._recent: collections.deque[tuple[float, str]] = collections.deque(maxlen=RECENT_LIMIT)
 
     def refused(self, kind: str) -> None:
@@ -148,7 +163,12 @@ class HubMetrics:
         return any(address in network for network in self.allowed)
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        if self._multiprocess_dir is None:
+            return generate_latest(self.registry)
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged, self._multiprocess_dir)  # type: ignore[no-untyped-call]
+        merged.register(self._state)
+        return generate_latest(merged)
 
 
 class _StateCollector(Collector):
