@@ -68,7 +68,8 @@ def _int_in(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
-def _member_options(parser: argparse.ArgumentParser, *, collection: bool = True) -> None:
+def member_options(parser: argparse.ArgumentParser, *, collection: bool = True, types: bool = True) -> None:
+    """``--hub``, ``--key``, TLS, ``--collection`` and (for hash inputs) ``--type``."""
     parser.add_argument(
         "--hub", metavar="URL", default=os.environ.get("HASHFED_HUB"), help="hub URL (default: $HASHFED_HUB)"
     )
@@ -81,9 +82,10 @@ def _member_options(parser: argparse.ArgumentParser, *, collection: bool = True)
     add_tls_options(parser)
     if collection:
         parser.add_argument("--collection", metavar="NAME", required=True, help="collection name")
-    parser.add_argument(
-        "--type", choices=sorted(SIGNAL_TYPES), help="type of hashes given without one (TYPE:HASH)"
-    )
+    if types:
+        parser.add_argument(
+            "--type", choices=sorted(SIGNAL_TYPES), help="type of hashes given without one (TYPE:HASH)"
+        )
 
 
 # ---- hub administration ---------------------------------------------------
@@ -459,7 +461,7 @@ def _add_admin_commands(sub: Any) -> None:
 
 def _add_member_commands(sub: Any) -> None:
     p = _command(sub, "submit")
-    _member_options(p)
+    member_options(p)
     p.add_argument("files", nargs="+", metavar="FILE", help="hash file, or - for stdin")
     p.add_argument("--label", action="append", default=[], help="label for every hash (repeatable)")
     p.add_argument(
@@ -474,7 +476,7 @@ def _add_member_commands(sub: Any) -> None:
 
     for name, func in (("lookup", cmd_lookup), ("opinion", cmd_opinion)):
         p = _command(sub, name)
-        _member_options(p, collection=name == "opinion")
+        member_options(p, collection=name == "opinion")
         p.add_argument("hashes", nargs="*", metavar="HASH", help="HASH or TYPE:HASH")
         p.add_argument(
             "--file", action="append", default=[], help="file of hashes, or - for stdin (repeatable)"
@@ -516,10 +518,12 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_admin_commands(sub)
     _add_member_commands(sub)
+    from .feeds.cli import add_feed_commands
     from .sync.cli import add_mirror_command, add_resume_command
 
     add_mirror_command(sub)
     add_resume_command(sub)
+    add_feed_commands(sub)
     demo_parser = _command(sub, "demo")
     if argv and argv[0] == "demo":  # imported only when used: no other command needs it
         from . import demo

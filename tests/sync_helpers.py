@@ -249,6 +249,8 @@ class Proxy:
         self.mutate: Mutator | None = None
         self.port = free_port()
         self.requests = 0
+        self.posts_allowed: int | None = None
+        """With a number: that many POSTs pass, then every request is answered 503 (the hub went away)."""
         self._server: TestServer | None = None
         self._session: aiohttp.ClientSession | None = None
 
@@ -272,6 +274,10 @@ class Proxy:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         self.requests += 1
+        if request.method == "POST" and self.posts_allowed is not None:
+            if self.posts_allowed <= 0:
+                self.mode = "down"
+            self.posts_allowed -= 1
         if self.mode == "down":
             return web.Response(status=503, text="down")
         if self.mode == "slow":
