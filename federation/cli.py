@@ -276,9 +276,16 @@ async def _check_collection(client: HubClient, collection: str) -> None:
 def cmd_submit(args: argparse.Namespace) -> int:
     if args.remove and args.label:
         raise UsageError("--label does not go with --remove: removing a hash removes your labels with it")
-    collector = HashCollector(args.type, args.label)
-    _read_inputs(collector, args.files)
-    items = collector.result()
+    if args.hash_media:
+        from .media_cli import additions_from_media
+
+        items, failed = additions_from_media(args.files, args.label)
+        for problem in failed:
+            print(f"hashfed: skipped {problem}", file=sys.stderr)
+    else:
+        collector = HashCollector(args.type, args.label)
+        _read_inputs(collector, args.files)
+        items = collector.result()
     if not items:
         raise UsageError("the input holds no hashes")
     batches = [items[start : start + args.batch_size] for start in range(0, len(items), args.batch_size)]
@@ -472,7 +479,16 @@ def _add_member_commands(sub: Any) -> None:
         help="hashes per signed batch (default 10000, at most 100000)",
     )
     p.add_argument("--remove", action="store_true", help="remove these hashes (ones you submitted)")
+    p.add_argument(
+        "--hash-media",
+        action="store_true",
+        help="the FILEs are images or other media (or directories of them): submit their PDQ, MD5, "
+        "SHA-1 and SHA-256 (needs the media extra)",
+    )
     p.set_defaults(func=cmd_submit)
+    from .media_cli import add_hash_command
+
+    add_hash_command(sub, _command)
 
     for name, func in (("lookup", cmd_lookup), ("opinion", cmd_opinion)):
         p = _command(sub, name)

@@ -97,8 +97,12 @@ class Progress:
         interval: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
         width: int = 30,
+        unit: str = "hashes",
+        verb: str = "sent",
     ) -> None:
         self.total = total
+        self.unit = unit
+        self.verb = verb
         self.stream = stream
         self.tty = stream.isatty() if tty is None else tty
         self.interval = interval
@@ -111,10 +115,8 @@ class Progress:
     def _text(self, done: int, batches: int, total_batches: int) -> str:
         elapsed = max(self.clock() - self.started, 1e-9)
         percent = 100 * done / self.total if self.total else 100.0
-        return (
-            f"{done:,}/{self.total:,} hashes ({percent:.0f}%)  "
-            f"batch {batches}/{total_batches}  {done / elapsed:,.0f}/s"
-        )
+        batch = f"batch {batches}/{total_batches}  " if total_batches else ""
+        return f"{done:,}/{self.total:,} {self.unit} ({percent:.0f}%)  {batch}{done / elapsed:,.0f}/s"
 
     def update(self, done: int, batches: int, total_batches: int) -> None:
         text = self._text(done, batches, total_batches)
@@ -124,7 +126,7 @@ class Progress:
             self.stream.write(f"\r[{bar}] {text}\x1b[K")
             self._drawn = True
         elif done >= self.total or self.clock() - self._last_line >= self.interval:
-            self.stream.write(f"sent {text}\n")
+            self.stream.write(f"{self.verb} {text}\n")
             self._last_line = self.clock()
         self.stream.flush()
 
@@ -212,6 +214,14 @@ HELP: dict[str, tuple[str, str, str]] = {
         "and DIR/hub.keys lists them all (what a new mirror pins). Stop the hub first; if the command "
         "is interrupted, run it again and it finishes.",
         "hashfed rotate-key /srv/hashfed\nhashfed rotate-key /srv/hashfed --overlap-days 30",
+    ),
+    "hash": (
+        "hash images and other media files",
+        "Print PDQ (with its quality), MD5, SHA-1 and SHA-256 of each file, and of every file under "
+        "each directory, EXIF orientation applied; other files get the cryptographic hashes. "
+        "Unreadable files are reported and skipped. Needs the media extra for PDQ: "
+        "pip install 'hashfed[media]'.",
+        "hashfed hash photo.jpg\nhashfed hash --format json ./reported/ > hashes.json",
     ),
     "submit": (
         "submit (or --remove) hashes",
