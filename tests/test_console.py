@@ -92,6 +92,12 @@ async def test_forms_need_the_sessions_csrf_token_and_lookup_finds_near_duplicat
     assert reply.status == 200
     assert pdq(1) in page and 'class="distance">5<' in page
     assert "md5:nothex" in page and 'class="error"' in page
+    form = {"hashes": f"pdq:{near}", "max_distance": "ten", "csrf": csrf}
+    async with console.session.post(console.url + "lookup", data=form) as reply:
+        assert "the max distance must be a whole number" in await reply.text()
+    form = {"hashes": f"pdq:{near}", "max_distance": "4", "csrf": csrf}
+    async with console.session.post(console.url + "lookup", data=form) as reply:
+        assert pdq(1) not in await reply.text()  # distance 5 is past the 4 asked
 
     async with console.session.post(
         console.url + "logout", data={"csrf": csrf}, allow_redirects=False

@@ -225,6 +225,20 @@ async def test_an_ncmec_import_followed_by_its_deletions_leaves_exactly_the_rest
         assert code == 0, err
         assert "1 hash to list, 3 hashes to remove" in out
         lines = (await _export(hub, tmp_path, "main", "lines")).split("\n")
+        code, printed, err = await run_cli(
+            "export",
+            "--hub",
+            hub.url,
+            "--key",
+            acme,
+            "--pin",
+            hub.key,
+            "--collection",
+            "main",
+            "--format",
+            "lines",
+        )
+        assert code == 0 and printed.split("\n") == lines, err  # standard output holds the export alone
         assert sorted(line for line in lines if line) == sorted(
             [f"video_md5 {MD5[1]}", f"pdq {pdq(1)}", f"sha1 {SHA1[1]}", f"pdq {pdq(9)}"]
         )

@@ -222,7 +222,17 @@ async def lookup_page(request: web.Request) -> web.Response:
         form = await request.post()
         text = str(form.get("hashes", ""))
         max_distance = str(form.get("max_distance", "")).strip()
-        distance = int(max_distance) if max_distance.isdigit() else None
+        if max_distance and not max_distance.isdigit():
+            return _render(
+                request,
+                "lookup.html",
+                text=text,
+                results=[
+                    data.LookupRow(max_distance, "", [], "the max distance must be a whole number, or empty")
+                ],
+                max_distance=max_distance,
+            )
+        distance = int(max_distance) if max_distance else None
         parsed = data.parse_lookup_text(text, runtime.config.lookup_defaults, distance)
         queries = [query for _, query in parsed if not isinstance(query, str)]
         collections = await runtime.read(runtime.node.collections)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import csv
 import sys
 import tempfile
@@ -207,7 +208,8 @@ def cmd_export(args: argparse.Namespace) -> int:
             ca=args.ca,
             client_cert=args.client_cert,
         )
-        status = cmd_mirror(mirrored)
+        with contextlib.redirect_stdout(sys.stderr):  # standard output is the export's alone
+            status = cmd_mirror(mirrored)
         if status != 0:
             return status
         return _export_mirror(Path(mirrored.dir), args)
