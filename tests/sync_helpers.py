@@ -6,7 +6,6 @@ import asyncio
 import base64
 import json
 import shutil
-import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -26,17 +25,12 @@ from federation.hub import create_app, open_node
 from federation.keys import SignerKey, write_signer_file
 from federation.sync.mirror import MirrorDir
 from federation.sync.verify import Evidence
+from tests.faults import free_port
 
 FEDERATION = "testfed"
 COLLECTION = "main"
 READ = frozenset({"read"})
 READ_WRITE = frozenset({"read", "write"})
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def pdq(seed: int) -> str:

@@ -39,7 +39,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -85,9 +84,9 @@ from federation.node import Node
 from federation.payloads import query_json
 from federation.signals import PDQ, SIGNAL_TYPES, Frame, Query
 from federation.store.sqlite import SqliteStore
+from tests.faults import REPO, child_env, free_port
 from tests.helpers import node_lookup, random_addition
 
-REPO = Path(__file__).resolve().parents[1]
 FEDERATION = "crashfed"
 COLLECTION = "main"
 HUB_NAME = "crashhub"
@@ -105,16 +104,6 @@ SERVE = (
 )
 READY_LINE = b"indexes loaded for"
 """What the hub logs once its indexes are loaded (federation/hub/app.py)."""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def child_env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
 
 
 def iterative_root(leaves: list[bytes]) -> bytes:

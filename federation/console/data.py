@@ -17,14 +17,17 @@ from .. import merkle
 from ..checkpoint import Checkpoint
 from ..checkpoint_record import HistoryMismatch
 from ..envelope import (
-    BatchPayload,
+    BATCH_TYPE,
+    HUB_KEY_TYPE,
+    MEMBERSHIP_TYPE,
+    OPINION_TYPE,
     Envelope,
     EnvelopeError,
     HubKeyPayload,
     MembershipPayload,
-    OpinionPayload,
     parse_payload,
 )
+from ..hub.logs import entry_counts
 from ..node import Node
 from ..replay import REPLAY_LIMITS
 from ..signals import LookupDefaults, SignalError, guess_type, signal_type
@@ -33,12 +36,7 @@ from ..store.base import StoreError
 
 ACTIVITY_WINDOW = 5_000
 RECENT_ENTRIES = 50
-KINDS = {
-    "application/vnd.hashfed.batch+json": "batch",
-    "application/vnd.hashfed.opinion+json": "opinion",
-    "application/vnd.hashfed.membership+json": "membership",
-    "application/vnd.hashfed.hub-key+json": "hub-key",
-}
+KINDS = {BATCH_TYPE: "batch", OPINION_TYPE: "opinion", MEMBERSHIP_TYPE: "membership", HUB_KEY_TYPE: "hub-key"}
 
 
 @dataclass
@@ -94,14 +92,7 @@ def _row(index: int, data: bytes) -> tuple[EntryRow, Any]:
         payload = parse_payload(envelope.payload_type, envelope.payload, REPLAY_LIMITS)
     except EnvelopeError:
         return EntryRow(index, "unreadable", "", None, 0, None), None
-    if isinstance(payload, BatchPayload):
-        items = len(payload.add) + len(payload.remove)
-    elif isinstance(payload, OpinionPayload):
-        items = len(payload.opinions)
-    elif isinstance(payload, MembershipPayload):
-        items = len(payload.grant) + len(payload.revoke)
-    else:
-        items = 1
+    items = sum(entry_counts(payload).values())
     kind = KINDS.get(envelope.payload_type, envelope.payload_type)
     header = payload.header
     return EntryRow(index, kind, envelope.signer_key_id, header.seq, items, header.created), payload

@@ -22,7 +22,7 @@ from aiohttp.abc import AbstractAccessLogger
 
 from ..envelope import BatchPayload, MembershipPayload, OpinionPayload, Payload
 from .auth import CALLER
-from .metrics import problem_kind, route_of
+from .metrics import PROBLEM_KIND, route_of
 
 LOG_FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
@@ -84,7 +84,7 @@ class RequestLogger(AbstractAccessLogger):
             "status": response.status,
             "duration_seconds": round(time, 6),
             "caller": caller,
-            "problem": problem_kind(response),
+            "problem": request.get(PROBLEM_KIND),
             "bytes": response.body_length,
         }
         self.logger.info(

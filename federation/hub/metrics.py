@@ -236,6 +236,8 @@ class _StateCollector(Collector):
 
 
 METRICS = web.AppKey("metrics", HubMetrics)
+PROBLEM_KIND = web.RequestKey("problem_kind", str)
+"""The problem kind of a refused request, for its log line (absent when it was not refused)."""
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -256,6 +258,7 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
         status = response.status
         kind = problem_kind(response)
         if kind is not None:
+            request[PROBLEM_KIND] = kind
             request.app[METRICS].refused(kind)
         return response
     except web.HTTPException as exc:
