@@ -144,6 +144,7 @@ async def test_an_interrupted_sync_keeps_only_proven_spans_and_resumes(hub: Live
             assert record.target is not None and SignedCheckpoint.open(record.target, spec.origin).size == 8
             result = await Puller(node, spec, client, run, first_span=1, span_bytes=1).sync()
         assert (result.before, result.after, result.checkpoint) == (4, 8, 8)
+        assert result.bytes > 4 * 100  # four entries' envelopes were read (and counted)
         async with HubClient(hub.url) as public:
             assert node.store.source("hub-a:main").checkpoint == await public.checkpoint(COLLECTION)  # type: ignore[union-attr]
         # The mirrored log replays through the same checks as the hub's own (hashfed rebuild).

@@ -17,24 +17,21 @@ import os
 import sys
 import textwrap
 import time
-from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TextIO, TypeVar
+from typing import Any, TextIO
 
 import aiohttp
 
 from ..cli_output import plural
-from ..client import MAX_JSON_BYTES, HubClient, HubError, new_client_session, read_limited
+from ..client import MAX_JSON_BYTES, HubError, new_client_session, read_limited
 from ..config import ConfigError
 from ..keys import load_signer_file, parse_key_chain
 from ..signals import LookupDefaults, parse_query
 from ..tls import add_tls_options
-from .mirror import MirrorConfig, MirrorDir, lookup
-from .puller import READ_TIMEOUT, ByteCounter, Puller, SourceStopped, SyncProgress, SyncResult, new_session
+from .mirror import MirrorConfig, MirrorDir, lookup, open_puller
+from .puller import READ_TIMEOUT, SourceStopped, SyncProgress, SyncResult
 from .verify import ForkDetected, VerificationError
 
-T = TypeVar("T")
 EXIT_FORK = 3
 EXIT_UNVERIFIED = 4
 
@@ -266,73 +263,64 @@ def _report(result: SyncResult) -> str:
 
 async def _mirror(args: argparse.Namespace, mirror: MirrorDir, config: MirrorConfig) -> int:
     spec = config.spec()
-    node = mirror.open_node()
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hashfed-mirror")
-    loop = asyncio.get_running_loop()
     progress = _Progress(sys.stderr)
-    counter = ByteCounter()
-    session = new_session(300.0, counter, args.read_timeout, config.tls)
-    client = HubClient(config.hub, load_signer_file(Path(config.key)), session=session, retries=2)
-
-    def run(fn: Callable[[], T]) -> Awaitable[T]:
-        return loop.run_in_executor(executor, fn)
-
-    puller = Puller(node, spec, client, run, counter=counter, index=False, on_progress=progress)
-    try:
-        if args.compare:
-            note = await _fetch_note(args.compare, spec.name, spec.origin.hub, spec.origin.collection)
-            consistent, how = await puller.compare(note)
-            print(f"{spec.name}: {how}")
-            return 0 if consistent else 1
-        failures = rounds = 0
-        while True:
-            try:
-                result = await puller.sync()
-            except (VerificationError, HubError) as exc:
+    signer = load_signer_file(Path(config.key))
+    async with open_puller(
+        mirror, config, signer, read_timeout=args.read_timeout, on_progress=progress
+    ) as puller:
+        try:
+            if args.compare:
+                note = await _fetch_note(args.compare, spec.name, spec.origin.hub, spec.origin.collection)
+                consistent, how = await puller.compare(note)
+                print(f"{spec.name}: {how}")
+                return 0 if consistent else 1
+            failures = rounds = 0
+            while True:
+                try:
+                    result = await puller.sync()
+                except (VerificationError, HubError) as exc:
+                    progress.finish()
+                    if isinstance(exc, ForkDetected) or not args.watch:
+                        raise
+                    failures += 1
+                    print(f"hashfed: {spec.name}: {exc}; retrying", file=sys.stderr)
+                    await asyncio.sleep(min(args.interval * 2**failures, 300.0))
+                    continue
+                failures = 0
                 progress.finish()
-                if isinstance(exc, ForkDetected) or not args.watch:
-                    raise
-                failures += 1
-                print(f"hashfed: {spec.name}: {exc}; retrying", file=sys.stderr)
-                await asyncio.sleep(min(args.interval * 2**failures, 300.0))
-                continue
-            failures = 0
+                if result.source_size < result.checkpoint:
+                    print(
+                        f"hashfed: warning: {spec.name}: the hub showed a checkpoint of {result.source_size:,} "
+                        f"entries, older than the {result.checkpoint:,} already verified here (it is consistent "
+                        "with it: a stale replica or cache in front of the hub?)",
+                        file=sys.stderr,
+                    )
+                mirror.save_checkpoint(await puller.verified_checkpoint())
+                if rounds == 0 or result.after != result.before:  # --watch reports changes only
+                    print(_report(result), flush=True)
+                if not args.watch:
+                    return 0
+                rounds += 1
+                await asyncio.sleep(args.interval)
+        except ForkDetected as exc:
             progress.finish()
-            if result.source_size < result.checkpoint:
+            if not isinstance(exc, SourceStopped):
+                path = mirror.save_evidence(exc.evidence)
+                print(f"hashfed: FORK DETECTED: {exc.evidence.detail}", file=sys.stderr)
                 print(
-                    f"hashfed: warning: {spec.name}: the hub showed a checkpoint of {result.source_size:,} "
-                    f"entries, older than the {result.checkpoint:,} already verified here (it is consistent "
-                    "with it: a stale replica or cache in front of the hub?)",
+                    f"hashfed: evidence kept in {path}; nothing more is applied from this hub",
                     file=sys.stderr,
                 )
-            record = await run(lambda: node.store.source(spec.name))
-            mirror.save_checkpoint(record.checkpoint if record else None)
-            if rounds == 0 or result.after != result.before:  # --watch reports changes only
-                print(_report(result), flush=True)
-            if not args.watch:
-                return 0
-            rounds += 1
-            await asyncio.sleep(args.interval)
-    except ForkDetected as exc:
-        progress.finish()
-        if not isinstance(exc, SourceStopped):
-            path = mirror.save_evidence(exc.evidence)
-            print(f"hashfed: FORK DETECTED: {exc.evidence.detail}", file=sys.stderr)
-            print(f"hashfed: evidence kept in {path}; nothing more is applied from this hub", file=sys.stderr)
-        else:
-            print(
-                f"hashfed: FORK: {spec.name} was stopped by fork evidence ({exc.evidence.detail}); "
-                f"see {mirror.evidence_dir}. Start a new mirror directory to follow another history.",
-                file=sys.stderr,
-            )
-        return EXIT_FORK
-    except VerificationError as exc:
-        print(f"hashfed: error: verification failed, nothing of it was applied: {exc}", file=sys.stderr)
-        return EXIT_UNVERIFIED
-    finally:
-        await session.close()
-        executor.shutdown(wait=True)
-        node.store.close()
+            else:
+                print(
+                    f"hashfed: FORK: {spec.name} was stopped by fork evidence ({exc.evidence.detail}); "
+                    f"see {mirror.evidence_dir}. Start a new mirror directory to follow another history.",
+                    file=sys.stderr,
+                )
+            return EXIT_FORK
+        except VerificationError as exc:
+            print(f"hashfed: error: verification failed, nothing of it was applied: {exc}", file=sys.stderr)
+            return EXIT_UNVERIFIED
 
 
 def cmd_mirror(args: argparse.Namespace) -> int:

@@ -10,22 +10,28 @@ Layout::
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import tomllib
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from ..client import HubClient
 from ..config import INDEX_DIR, ConfigError
 from ..durable import make_private_directory, write_atomically
-from ..keys import KeyFormatError, parse_key_chain
+from ..keys import KeyFormatError, SignerKey, parse_key_chain
 from ..node import Node
 from ..signals import Query
 from ..store.sqlite import SqliteStore
 from ..tls import ClientTls
-from .puller import SourceSpec
+from .puller import READ_TIMEOUT, ByteCounter, Puller, SourceSpec, SyncProgress, new_session
 from .verify import Evidence
 from .wire import match_json
+
+T = TypeVar("T")
 
 CONFIG_FILE = "mirror.toml"
 DATABASE_FILE = "mirror.sqlite3"
@@ -145,6 +151,38 @@ class MirrorDir:
             path = self.evidence_dir / f"{stamp}-{evidence.reason}-{counter}.json"
         write_atomically(path, evidence.dumps() + "\n")
         return path
+
+
+@contextlib.asynccontextmanager
+async def open_puller(
+    mirror: MirrorDir,
+    config: MirrorConfig,
+    signer: SignerKey,
+    *,
+    read_timeout: float = READ_TIMEOUT,
+    on_progress: Callable[[SyncProgress], None] | None = None,
+) -> AsyncIterator[Puller]:
+    """The verifying puller of a mirror directory, with its store, worker thread and session.
+
+    ``hashfed mirror`` and the python-threatexchange exchange both sync
+    through it, so every copy of a collection is checked the same way.
+    """
+    node = mirror.open_node()
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hashfed-mirror")
+    loop = asyncio.get_running_loop()
+    counter = ByteCounter()
+    session = new_session(300.0, counter, read_timeout, config.tls)
+    client = HubClient(config.hub, signer, session=session, retries=2)
+
+    def run(fn: Callable[[], T]) -> Awaitable[T]:
+        return loop.run_in_executor(executor, fn)
+
+    try:
+        yield Puller(node, config.spec(), client, run, counter=counter, index=False, on_progress=on_progress)
+    finally:
+        await session.close()
+        executor.shutdown(wait=True)
+        node.store.close()
 
 
 def lookup(

@@ -34,7 +34,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 import aiohttp
 
@@ -145,25 +145,20 @@ class SyncResult:
 
 
 class ByteCounter:
-    """Counts response body bytes of one aiohttp session (via a TraceConfig)."""
+    """Counts the bytes of the answers a puller read: checkpoints, entries and proofs.
+
+    Counted where the answers are read (the client reads bodies in chunks,
+    which aiohttp's response tracing does not see).
+    """
 
     def __init__(self) -> None:
         self.total = 0
 
-    def trace_config(self) -> aiohttp.TraceConfig:
-        config = aiohttp.TraceConfig()
-
-        async def received(
-            session: aiohttp.ClientSession,
-            context: Any,
-            params: aiohttp.TraceResponseChunkReceivedParams,
-        ) -> None:
-            self.total += len(params.chunk)
-
-        config.on_response_chunk_received.append(received)
-        return config
+    def add(self, size: int) -> None:
+        self.total += size
 
 
+PROOF_HASH_BYTES = 32
 READ_TIMEOUT = 30.0
 """Seconds a source may send nothing while an answer is being read before it is given up on."""
 
@@ -178,7 +173,6 @@ def new_session(
             total=timeout, sock_connect=min(timeout, 10.0), sock_read=min(timeout, read_timeout)
         ),
         tls,
-        trace_configs=[counter.trace_config()],
     )
 
 
@@ -343,6 +337,7 @@ class Puller:
 
     async def _link(self, small: SignedCheckpoint, large: SignedCheckpoint, trusted_is_large: bool) -> None:
         proof = await self._ask(self.client.consistency_proof(self.spec.remote, small.size, large.size))
+        self.counter.add(PROOF_HASH_BYTES * len(proof))
         origin = await self._run(lambda: self._origin(held=True))
         check_link(small, large, proof, origin, trusted_is_large)
 
@@ -353,6 +348,7 @@ class Puller:
         started, bytes_before = time.monotonic(), self.counter.total
         await self._run(self._record)  # a stopped source is not even asked
         note = await self._ask(self.client.checkpoint(self.spec.remote))
+        self.counter.add(len(note))
         origin = await self._run(self._origin)
         try:
             new = SignedCheckpoint.open(note, origin)
@@ -412,6 +408,7 @@ class Puller:
             if end >= goal.size
             else await self._ask(self.client.consistency_proof(self.spec.remote, end, goal.size))
         )
+        self.counter.add(len(body) + PROOF_HASH_BYTES * len(proof))
         return _Span(start, count, body, proof)
 
     def _next_count(self, span: _Span) -> int:
@@ -488,6 +485,11 @@ class Puller:
         except Refusal as exc:
             raise VerificationError(f"{self.spec.name}: refused from {self.spec.url}: {exc.detail}") from exc
         return updated
+
+    async def verified_checkpoint(self) -> str | None:
+        """The newest checkpoint the local log has reached, as the origin hub signed it."""
+        record = await self._run(lambda: self.node.store.source(self.spec.name))
+        return None if record is None else record.checkpoint
 
     # ---- comparing with what others were shown -----------------------------
 
