@@ -17,6 +17,10 @@
 4. Checks the result (the mirror's checkpoint is the hub's, its root is
    recomputed from the mirrored leaves, every hash is listed) and times
    ``hashfed lookup --mirror`` for 1,000 queries, index load included.
+5. Fetches the same collection with the real ``threatexchange`` CLI through
+   the extension (``federation.threatexchange``: the same verified mirror,
+   then one pytx update per hash), then has pytx build its match index;
+   each step's time and the CLI process's peak memory are measured.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import argparse
 import asyncio
 import os
 import platform
+import re
 import resource
 import subprocess
 import sys
@@ -45,7 +50,7 @@ from federation.config import DataDir
 from federation.envelope import BATCH_TYPE, Addition, Grant, Header, batch_payload, sign_envelope, utc_now
 from federation.hub import open_node
 from federation.keys import SignerKey, load_signer_file, write_signer_file
-from federation.signals import PDQ
+from federation.signals import LookupDefaults, parse_query
 from federation.sync.mirror import MirrorConfig, MirrorDir, lookup
 from federation.sync.puller import ByteCounter, Puller, SourceSpec, SyncProgress, new_session
 
@@ -142,18 +147,67 @@ def time_lookups(directory: Path, size: int, corpus: str) -> tuple[float, int]:
     """``hashfed lookup --mirror``: 1,000 corpus hashes, from opening the mirror (index load included)."""
     codes = make_corpus(corpus, size, seed=7)  # type: ignore[arg-type]
     picks = np.random.default_rng(3).choice(size, 1000, replace=False)
-    queries = [(PDQ, h) for h in hexes(codes[picks])]
+    queries = [parse_query({"type": "pdq", "hash": h}, 31, LookupDefaults()) for h in hexes(codes[picks])]
     started = time.perf_counter()
     node = MirrorDir(directory).open_node()
     try:
-        results = lookup(node, queries, 31)
+        results = lookup(node, queries)
     finally:
         node.store.close()
     return time.perf_counter() - started, sum(1 for matches in results if matches)
 
 
+def run_measured(argv: list[str], env: dict[str, str]) -> tuple[float, int, str]:
+    """Run a command; its wall time, its own peak resident memory (bytes) and its standard error."""
+    started = time.perf_counter()
+    with subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as process:
+        assert process.stderr is not None
+        err = process.stderr.read().decode()
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv[:3])} exited {process.returncode}: {err[-2000:]}")
+    return time.perf_counter() - started, usage.ru_maxrss * 1024, err
+
+
+def threatexchange_fetch(url: str, directory: Path, hub_key: str) -> dict[str, Any]:
+    """``threatexchange fetch`` of the collection through the extension, then pytx's index build."""
+    tx = str(Path(sys.executable).with_name("threatexchange"))
+    env = dict(
+        os.environ,
+        TX_STATEDIR=str(directory / "tx-state"),
+        HASHFED_CACHE=str(directory / "tx-cache"),
+        HASHFED_SIGNER_KEY=str(directory / "mirror.key"),
+    )
+    run_measured([tx, "config", "extensions", "add", "federation.threatexchange"], env)
+    run_measured(
+        [tx, "config", "collab", "edit", "hashfed", "bench", "--create",
+         "--hub-url", url, "--collection", COLLECTION, "--hub-key", hub_key],
+        env,
+    )  # fmt: skip
+    print("threatexchange fetch", file=sys.stderr)
+    fetch_s, fetch_rss, log = run_measured([tx, "-v", "fetch", "--skip-index-rebuild"], env)
+    delivered = re.search(r"delivered (\d+) updates", log)
+    assert delivered is not None, log[-2000:]
+    print("threatexchange dataset --rebuild-indices", file=sys.stderr)
+    index_s, index_rss, _ = run_measured([tx, "dataset", "--rebuild-indices"], env)
+    return {
+        "fetch_s": fetch_s,
+        "fetch_rss": fetch_rss,
+        "index_s": index_s,
+        "index_rss": index_rss,
+        "fetched": int(delivered.group(1)),
+    }
+
+
 def report(
-    size: int, corpus: str, build_s: float, figures: dict[str, Any], lookup: tuple[float, int], command: str
+    size: int,
+    corpus: str,
+    build_s: float,
+    figures: dict[str, Any],
+    lookup: tuple[float, int],
+    command: str,
+    tx: dict[str, Any] | None = None,
 ) -> str:
     megabytes = figures["bytes"] / 1e6
     lines = [
@@ -183,6 +237,22 @@ def report(
         "hashes and Merkle proofs under 1%. Bytes are the canonical envelopes, whose base64 payloads are "
         "about 1.33 times the payload JSON.",
     ]
+    if tx is not None:
+        lines += [
+            "",
+            "The same collection fetched by python-threatexchange's own CLI through hashfed's extension "
+            "(`threatexchange fetch`, a separate process, from a fresh pytx state directory): the extension "
+            "first brings its own verified mirror up to the hub's checkpoint, exactly as above, and only then "
+            "hands pytx one update per hash; pytx then merges them into its local store. Building pytx's PDQ "
+            "match index is its own step (`threatexchange dataset --rebuild-indices`).",
+            "",
+            "| `threatexchange` CLI | time | peak resident memory of the process |",
+            "|---|---|---|",
+            f"| `fetch --skip-index-rebuild`: verified mirror, then {tx['fetched']:,} hashes into pytx's store "
+            f"| {tx['fetch_s']:,.1f} s ({size / tx['fetch_s']:,.0f} hashes/s) | {tx['fetch_rss'] / 2**30:.2f} GiB |",
+            f"| `dataset --rebuild-indices` (pytx's PDQ index) | {tx['index_s']:,.1f} s | {tx['index_rss'] / 2**30:.2f} GiB |",
+            f"| for comparison: `hashfed mirror` (above) | {figures['seconds']:,.1f} s | {figures['peak_rss'] / 2**30:.2f} GiB |",
+        ]
     return "\n".join(lines)
 
 
@@ -194,6 +264,9 @@ def main() -> int:
     parser.add_argument("--corpus", choices=("uniform", "realistic"), default="uniform")
     parser.add_argument("--dir", type=Path, help="keep the data here (default: a temporary directory)")
     parser.add_argument("--write-docs", action="store_true", help=f"write the figures into {DOCS.name}")
+    parser.add_argument(
+        "--no-threatexchange", action="store_true", help="skip the `threatexchange fetch` comparison"
+    )
     parser.add_argument("--build-only", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.build_only:
@@ -216,9 +289,11 @@ def main() -> int:
         with serving(data, port, stop_timeout=120):
             asyncio.run(wait_ready(url))
             print("mirroring", file=sys.stderr)
-            figures = asyncio.run(mirror(url, directory / "mirror", data.verifier_file.read_text().strip()))
+            hub_key = data.verifier_file.read_text().strip()
+            figures = asyncio.run(mirror(url, directory / "mirror", hub_key))
+            tx = None if args.no_threatexchange else threatexchange_fetch(url, directory, hub_key)
         found = time_lookups(directory / "mirror", args.size, args.corpus)
-    section = report(args.size, args.corpus, build_s, figures, found, command)
+    section = report(args.size, args.corpus, build_s, figures, found, command, tx)
     print(section)
     if args.write_docs:
         write_docs_section("bench_mirror", "Mirroring", section)

@@ -50,6 +50,17 @@ class ListingDetail:
 
 
 @dataclass(frozen=True)
+class MemberView:
+    """What one member says of one listed hash: whether it lists it (with which labels), and its opinion."""
+
+    member: str
+    listed: bool
+    labels: tuple[str, ...] = ()
+    verdict: str | None = None
+    """``positive`` or ``negative``; None when the member gave no opinion."""
+
+
+@dataclass(frozen=True)
 class SourceRecord:
     """A collection mirrored from another hub: where its log comes from and how far it is verified.
 
@@ -103,6 +114,9 @@ class HubStore(Protocol):
     def listed(self, collection: str, signal: str | None = None) -> tuple[list[tuple[str, str]], int]: ...
     def contents(self, collection: str, signal: str, hashes: Sequence[str]) -> dict[str, bytes]: ...
     def details(self, collection: str, signal: str, hashes: Sequence[str]) -> dict[str, ListingDetail]: ...
+    def member_views(
+        self, collection: str, signal: str, hashes: Sequence[str]
+    ) -> dict[str, list[MemberView]]: ...
     def close(self) -> None: ...
 
     # ---- mirrored collections (federation.sync) ----

@@ -17,13 +17,14 @@ import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 from ..durable import create_private_file
 from ..keys import VerifierKey
 from ..merkle import HashKey
 from ..state import HubKeyRecord, KeyRecord, ListingChange
-from .base import EntryRecord, ListingDetail, SourceRecord, StoreError
+from .base import EntryRecord, ListingDetail, MemberView, SourceRecord, StoreError
 from .sqlite_schema import PROJECTION_TABLES, SCHEMA, SCHEMA_VERSION, ensure_schema
 from .sqlite_sources import (
     read_evidence,
@@ -316,6 +317,35 @@ class SqliteStore:
                         positive=opinion.get("positive", 0),
                         negative=opinion.get("negative", 0),
                     )
+        return result
+
+    def member_views(
+        self, collection: str, signal: str, hashes: Sequence[str]
+    ) -> dict[str, list[MemberView]]:
+        """Per listed hash, each member that lists it or gave an opinion on it, by member name."""
+        result: dict[str, list[MemberView]] = {}
+        with self._read() as conn:
+            for chunk, marks in _in_chunks(hashes):
+                listing_rows = conn.execute(
+                    f"SELECT hash, member, labels FROM listings WHERE collection = ? AND type = ? AND hash IN ({marks})",
+                    (collection, signal, *chunk),
+                ).fetchall()
+                opinion_rows = conn.execute(
+                    f"SELECT hash, member, verdict FROM opinions WHERE collection = ? AND type = ? AND hash IN ({marks})",
+                    (collection, signal, *chunk),
+                ).fetchall()
+                views: dict[str, dict[str, MemberView]] = {}
+                for hash_hex, member, labels in listing_rows:
+                    views.setdefault(hash_hex, {})[member] = MemberView(
+                        member, True, tuple(json.loads(labels))
+                    )
+                for hash_hex, member, verdict in opinion_rows:
+                    if hash_hex not in views:
+                        continue  # opinions on a hash nobody lists any more
+                    held = views[hash_hex].get(member, MemberView(member, False))
+                    views[hash_hex][member] = replace(held, verdict=verdict)
+                for hash_hex, by_member in views.items():
+                    result[hash_hex] = [by_member[name] for name in sorted(by_member)]
         return result
 
     # ---- mirrored collections (SQL in .sqlite_sources) ---------------------
