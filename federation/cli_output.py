@@ -218,7 +218,8 @@ HELP: dict[str, tuple[str, str, str]] = {
     "hash": (
         "hash images and other media files",
         "Print PDQ (with its quality), MD5, SHA-1 and SHA-256 of each file, and of every file under "
-        "each directory, EXIF orientation applied; other files get the cryptographic hashes. "
+        "each directory, EXIF orientation applied; videos get their vPDQ frames too where the vpdq "
+        "package is installed (--format json prints them); other files get the cryptographic hashes. "
         "Unreadable files are reported and skipped. Needs the media extra for PDQ: "
         "pip install 'hashfed[media]'.",
         "hashfed hash photo.jpg\nhashfed hash --format json ./reported/ > hashes.json",

@@ -12,9 +12,18 @@ from typing import Any
 
 from .cli_output import Progress, plural
 from .envelope import Addition
-from .media import MEDIA_EXTRA_HINT, MediaError, MediaHashes, files_under, hash_file
+from .media import (
+    MEDIA_EXTRA_HINT,
+    VIDEO_SUFFIXES,
+    VPDQ_HINT,
+    MediaError,
+    MediaHashes,
+    files_under,
+    hash_file,
+    vpdq_available,
+)
 
-FIELDS = ("path", "pdq", "quality", "md5", "sha1", "sha256")
+FIELDS = ("path", "pdq", "quality", "md5", "sha1", "sha256", "vpdq")
 
 
 def hash_media(paths: Sequence[str]) -> tuple[list[MediaHashes], list[str]]:
@@ -32,6 +41,8 @@ def hash_media(paths: Sequence[str]) -> tuple[list[MediaHashes], list[str]]:
             failed.append(str(exc))
         progress.update(number, 0, 0)
     progress.finish()
+    if not vpdq_available() and any(path.suffix.lower() in VIDEO_SUFFIXES for path in files):
+        print(f"hashfed: note: {VPDQ_HINT}", file=sys.stderr)
     return hashed, failed
 
 
@@ -41,6 +52,9 @@ def cmd_hash(args: argparse.Namespace) -> int:
         print(f"hashfed: skipped {problem}", file=sys.stderr)
     rows = [{field: getattr(item, field) for field in FIELDS} | {"path": str(item.path)} for item in hashed]
     if args.format == "json":
+        for row, item in zip(rows, hashed, strict=True):
+            if item.frames is not None:
+                row["frames"] = item.frame_strings
         json.dump(rows, sys.stdout, indent=1)
         sys.stdout.write("\n")
     else:
@@ -52,7 +66,7 @@ def cmd_hash(args: argparse.Namespace) -> int:
 
 
 def additions_from_media(paths: Sequence[str], labels: Sequence[str]) -> tuple[list[Addition], list[str]]:
-    """What ``submit --hash-media`` sends: each file's MD5, SHA-1 and SHA-256, and its PDQ when it has one."""
+    """What ``submit --hash-media`` sends: each file's MD5, SHA-1 and SHA-256, and its PDQ or vPDQ when it has one."""
     hashed, failed = hash_media(paths)
     items: dict[tuple[str, str], Addition] = {}
     for media in hashed:
@@ -64,6 +78,8 @@ def additions_from_media(paths: Sequence[str], labels: Sequence[str]) -> tuple[l
         ):
             if value is not None:
                 items[(signal, value)] = Addition(signal, value, tuple(labels), quality)
+        if media.vpdq is not None:
+            items[("vpdq", media.vpdq)] = Addition("vpdq", media.vpdq, tuple(labels), frames=media.frames)
     return list(items.values()), failed
 
 

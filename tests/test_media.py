@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -100,3 +103,78 @@ async def test_hash_reports_unreadable_files_and_submit_takes_media(
         (exact,) = await reader.lookup([("sha256", rows["notes.txt"]["sha256"])])
     assert matches[0]["distance"] == 0 and matches[0]["labels"] == ["seen"]
     assert exact[0]["submitters"] == ["acme"]
+
+
+VPDQ_STAND_IN = '''
+"""Stands in for python-threatexchange's vpdq package (it builds against FFmpeg, which this machine lacks):
+the same computeHash call and feature fields, frames derived from the file's bytes."""
+import hashlib
+from dataclasses import dataclass
+
+
+@dataclass
+class VpdqFeature:
+    hex: str
+    quality: int
+    frame_number: int
+    timestamp: float
+
+
+def computeHash(input_video_filename, seconds_per_hash=1.0):
+    data = open(input_video_filename, "rb").read()
+    if not data.startswith(b"VIDEO"):
+        raise ValueError("cannot decode")
+    return [
+        VpdqFeature(hashlib.sha256(data + bytes([n])).hexdigest(), 100 if n else 10, n, n * seconds_per_hash)
+        for n in range(3)
+    ]
+'''
+
+
+@pytest.fixture
+def forget_vpdq() -> Iterator[None]:
+    """The stand-in ``vpdq`` module imported by a test is forgotten after it."""
+    yield
+    sys.modules.pop("vpdq", None)
+
+
+async def test_videos_get_vpdq_frames_where_the_vpdq_package_is_installed(
+    federation: Federation,
+    hub_server: TestServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    forget_vpdq: None,
+) -> None:
+    media = tmp_path / "media"
+    media.mkdir()
+    (media / "clip.mp4").write_bytes(b"VIDEO clip")
+    (media / "broken.mov").write_bytes(b"junk")
+    code, out, err = await run_cli("hash", "--format", "json", str(media))
+    assert code == 0, err
+    assert "videos get no vPDQ" in err and "pip install vpdq" in err
+    assert {row["vpdq"] for row in json.loads(out)} == {None}
+
+    stand_in = tmp_path / "stand-in"
+    stand_in.mkdir()
+    (stand_in / "vpdq.py").write_text(VPDQ_STAND_IN)
+    monkeypatch.syspath_prepend(str(stand_in))
+    code, out, err = await run_cli("hash", "--format", "json", str(media))
+    assert code == 0, err
+    (row,) = json.loads(out)
+    assert "broken.mov: not a video vpdq can read" in err
+    codes = [hashlib.sha256(b"VIDEO clip" + bytes([n])).hexdigest() for n in range(3)]
+    assert row["frames"] == [f"{codes[0]},10,0.000", f"{codes[1]},100,1.000", f"{codes[2]},100,2.000"]
+    assert row["vpdq"] == hashlib.sha256("".join(f"{c}\n" for c in sorted(codes[1:])).encode()).hexdigest()
+
+    key = tmp_path / "acme.key"
+    write_signer_file(federation.members["acme"], key)
+    url = str(hub_server.make_url(""))
+    code, _, err = await run_cli(
+        "submit", "--hub", url, "--key", str(key), "--collection", "main", "--hash-media", str(media)
+    )  # fmt: skip
+    assert code == 0, err
+    async with HubClient(url, federation.members["reader"], retries=0) as reader:
+        (matches,) = await reader.lookup(
+            [{"type": "vpdq", "frames": [{"pdq": c, "quality": 100} for c in codes[1:]]}]
+        )
+    assert [match["hash"] for match in matches] == [row["vpdq"]]
