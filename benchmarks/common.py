@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +35,11 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serving(data: DataDir, port: int, stop_timeout: float = 60) -> Iterator[subprocess.Popen[bytes]]:
-    """``hashfed serve`` of ``data`` on 127.0.0.1:``port`` in a child process, stopped on exit."""
+def serving(
+    data: DataDir, port: int, stop_timeout: float = 60, extra: Sequence[str] = ()
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``hashfed serve`` of ``data`` on 127.0.0.1:``port`` (with ``extra`` options) in a child process,
+    stopped on exit."""
     process = subprocess.Popen(
         [
             sys.executable,
@@ -48,6 +51,7 @@ def serving(data: DataDir, port: int, stop_timeout: float = 60) -> Iterator[subp
             "127.0.0.1",
             "--port",
             str(port),
+            *extra,
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

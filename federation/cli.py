@@ -178,7 +178,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     data = DataDir(Path(args.dir))
     data.config()  # a configuration problem is reported before the server starts
-    serve(data, args.host, args.port, args.log_format)
+    serve(data, args.host, args.port, args.log_format, args.workers)
     return 0
 
 
@@ -449,6 +449,14 @@ def _add_admin_commands(sub: Any) -> None:
         choices=("text", "json"),
         default="text",
         help="text lines for people, or one JSON object per line for a log stack (default text)",
+    )
+    p.add_argument(
+        "--workers",
+        type=_int_in(1, 256),
+        default=1,
+        metavar="N",
+        help=f"processes serving the hub on the one port, over the one database (default 1; this machine "
+        f"has {os.cpu_count() or 1} cores): see docs/scaling.md",
     )
 
     _dir_command(sub, "rebuild", cmd_rebuild)

@@ -189,8 +189,10 @@ HELP: dict[str, tuple[str, str, str]] = {
     "serve": (
         "run the hub",
         "Serve the hub's HTTP API until interrupted. Host and port default to hub.toml "
-        "(127.0.0.1:8080 unless edited).",
-        "hashfed serve /srv/hashfed\nhashfed serve /srv/hashfed --host 0.0.0.0 --port 9000",
+        "(127.0.0.1:8080 unless edited). With --workers N, N processes serve the one port over the "
+        "one database, sharing replay protection and rate limits, so the hub uses N cores.",
+        "hashfed serve /srv/hashfed\nhashfed serve /srv/hashfed --host 0.0.0.0 --port 9000\n"
+        "hashfed serve /srv/hashfed --workers 2",
     ),
     "rebuild": (
         "rebuild the projection from the logs",

@@ -389,6 +389,9 @@ class Node:
                 return cached[1]
             reader = _Reader(self.store, collection)
             with self.signed.locked():
+                # Another worker of this hub may have appended, and signed a larger
+                # checkpoint, since the size above was read: sign the log as it is now.
+                size = self.store.log_size(collection)
                 last = self.signed.last(collection)
                 root = merkle.root(reader, size)
                 check_extends(collection, last, size, root, reader)

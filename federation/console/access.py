@@ -5,23 +5,26 @@ own that never touches the API's authentication. ``hashfed console-token
 DIR`` issues a random token valid for some hours and stores only its SHA-256
 (in ``DIR/console-tokens.json``, owner-only). The login form exchanges a
 valid token for a session: a random id in an HttpOnly, SameSite=Strict
-cookie, kept in the hub's memory until the token's expiry (a restart logs
-everyone out). Every form carries a CSRF token, an HMAC of the session id
-under a per-process secret.
+cookie, kept until the token's expiry in the hub's memory, or, with several
+workers, in the state they share (a restart logs everyone out). Every form
+carries the session's CSRF token, random and kept with it.
 """
 
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
 import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..config import ConfigError
 from ..durable import write_atomically
+
+if TYPE_CHECKING:
+    from ..hub.shared_guard import SharedState
 
 TOKEN_FILE = "console-tokens.json"
 COOKIE = "hashfed_console"
@@ -39,12 +42,12 @@ class Session:
 
 
 class ConsoleAccess:
-    """Tokens on disk, sessions in memory."""
+    """Tokens on disk; sessions in memory, or in ``shared`` state when several workers serve the hub."""
 
-    def __init__(self, token_file: Path) -> None:
+    def __init__(self, token_file: Path, shared: SharedState | None = None) -> None:
         self.token_file = token_file
+        self.shared = shared
         self._sessions: dict[str, Session] = {}
-        self._secret = secrets.token_bytes(32)
 
     # ---- tokens (hashfed console-token) -------------------------------------
 
@@ -83,23 +86,42 @@ class ConsoleAccess:
         if expiry <= time.time():
             raise TokenError("this token has expired; make a new one with `hashfed console-token DIR`")
         session_id = secrets.token_urlsafe(32)
-        csrf = hmac.new(self._secret, session_id.encode(), hashlib.sha256).hexdigest()
-        session = self._sessions[session_id] = Session(expiry, csrf)
+        session = Session(expiry, secrets.token_hex(32))
+        if self.shared is None:
+            self._sessions[session_id] = session
+        else:
+            with self.shared.transaction() as conn:
+                conn.execute("DELETE FROM sessions WHERE expires <= ?", (time.time(),))
+                conn.execute(
+                    "INSERT INTO sessions (id, expires, csrf) VALUES (?, ?, ?)",
+                    (session_id, expiry, session.csrf),
+                )
         return session_id, session
 
     def session(self, session_id: str | None) -> Session | None:
         if not session_id:
             return None
-        session = self._sessions.get(session_id)
+        if self.shared is None:
+            session = self._sessions.get(session_id)
+        else:
+            with self.shared.transaction() as conn:
+                row = conn.execute(
+                    "SELECT expires, csrf FROM sessions WHERE id = ?", (session_id,)
+                ).fetchone()
+            session = None if row is None else Session(float(row[0]), str(row[1]))
         if session is None:
             return None
         if session.expires <= time.time():
-            del self._sessions[session_id]
+            self.log_out(session_id)
             return None
         return session
 
     def log_out(self, session_id: str) -> None:
-        self._sessions.pop(session_id, None)
+        if self.shared is None:
+            self._sessions.pop(session_id, None)
+            return
+        with self.shared.transaction() as conn:
+            conn.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
 
 
 def _digest(token: str) -> str:

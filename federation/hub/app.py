@@ -24,6 +24,7 @@ from .sending import SendDeadline, StreamSlots, send_deadline_middleware
 
 T = TypeVar("T")
 READER_THREADS = 32
+WORKER_HEADER = "Hashfed-Worker"
 LOAD_RETRY_SECONDS = (1.0, 60.0)
 """First and longest wait before loading the indexes again after a failure (doubling in between)."""
 SNAPSHOT_RETRY_SECONDS = 60.0
@@ -83,11 +84,26 @@ class HubRuntime:
 RUNTIME = web.AppKey("runtime", HubRuntime)
 
 
-def create_app(node: Node, config: HubConfig, console: ConsoleAccess | None = None) -> web.Application:
-    """The hub's application; with ``console``, the operator's console under ``/console/`` too."""
+def create_app(
+    node: Node,
+    config: HubConfig,
+    console: ConsoleAccess | None = None,
+    *,
+    guard: RequestGuard | None = None,
+    pulls_peers: bool = True,
+    worker: int | None = None,
+) -> web.Application:
+    """The hub's application; with ``console``, the operator's console under ``/console/`` too.
+
+    Several workers of one hub (:mod:`.workers`) pass the ``guard`` they
+    share, and only one of them ``pulls_peers``; each names itself in a
+    ``Hashfed-Worker`` header on its answers, for operators and tests.
+    """
     from .routes import add_routes
 
-    runtime = HubRuntime(node, config, guard=RequestGuard(rate_limiter(config)))
+    runtime = HubRuntime(
+        node, config, guard=guard if guard is not None else RequestGuard(rate_limiter(config))
+    )
     # Limits (docs/operations.md): answers sent under a deadline; bodies read
     # only once their headers pass, against a deadline; then admission and
     # rate-limit answers; problem_middleware renders whatever they refuse.
@@ -103,7 +119,7 @@ def create_app(node: Node, config: HubConfig, console: ConsoleAccess | None = No
         handler_args=handler_args(config),
     )
     app[ADMISSION] = admission
-    if config.peers:  # member keys are read now: a bad peer configuration stops the start
+    if config.peers and pulls_peers:  # member keys are read now: a bad peer configuration stops the start
         runtime.peering = Peering(node, config.peers)
     app[RUNTIME] = runtime
     app[MAX_BODY] = config.max_body_bytes
@@ -117,6 +133,13 @@ def create_app(node: Node, config: HubConfig, console: ConsoleAccess | None = No
 
         add_console(app, console, config.console_allow)
     add_routes(app)
+    if worker is not None:
+        name = str(worker)
+
+        async def name_worker(request: web.Request, response: web.StreamResponse) -> None:
+            response.headers[WORKER_HEADER] = name
+
+        app.on_response_prepare.append(name_worker)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         loader = asyncio.create_task(_load(runtime))

@@ -519,11 +519,13 @@ class LimitedTCPSite(web.BaseSite):
         *,
         backlog: int = 128,
         ssl_context: ssl.SSLContext | None = None,
+        reuse_port: bool = False,
     ) -> None:
         super().__init__(runner, backlog=backlog, ssl_context=ssl_context)
         self._hub_runner = runner
         self._host = host
         self._port = port
+        self._reuse_port = reuse_port
         self.limiter = limiter
 
     @property
@@ -549,5 +551,6 @@ class LimitedTCPSite(web.BaseSite):
             self._port,
             backlog=self._backlog,
             reuse_address=True,
+            reuse_port=self._reuse_port or None,
             ssl=self._ssl_context,
         )

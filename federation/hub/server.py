@@ -48,8 +48,22 @@ def open_node(data: DataDir, *, searchable: bool = True) -> Node:
     )
 
 
-def serve(data: DataDir, host: str | None = None, port: int | None = None, log_format: str = "text") -> None:
-    """Serve a data directory until SIGINT or SIGTERM; refuse at once, in one line, what cannot work."""
+def serve(
+    data: DataDir,
+    host: str | None = None,
+    port: int | None = None,
+    log_format: str = "text",
+    workers: int = 1,
+) -> None:
+    """Serve a data directory until SIGINT or SIGTERM; refuse at once, in one line, what cannot work.
+
+    With several ``workers``, a supervisor runs that many processes on the port (:mod:`.workers`).
+    """
+    if workers > 1:
+        from .workers import serve_workers
+
+        serve_workers(data, host, port, workers, log_format)
+        return
     config = data.config()
     check_storage_for_serving(data, config)
     lock = DirectoryLock(data.path)
@@ -97,7 +111,13 @@ def tls_context(data: DataDir, config: HubConfig) -> ssl.SSLContext | None:
 
 
 async def start_server(
-    app: web.Application, config: HubConfig, host: str, port: int, ssl_context: ssl.SSLContext | None = None
+    app: web.Application,
+    config: HubConfig,
+    host: str,
+    port: int,
+    ssl_context: ssl.SSLContext | None = None,
+    *,
+    reuse_port: bool = False,
 ) -> tuple[web.AppRunner, LimitedTCPSite]:
     """Serve ``app`` on ``host:port`` (0: any free port) with the configured connection limit.
 
@@ -108,7 +128,12 @@ async def start_server(
     runner = web.AppRunner(app, access_log_class=RequestLogger)
     await runner.setup()
     site = LimitedTCPSite(
-        runner, host, port, ConnectionLimiter(config.max_connections), ssl_context=ssl_context
+        runner,
+        host,
+        port,
+        ConnectionLimiter(config.max_connections),
+        ssl_context=ssl_context,
+        reuse_port=reuse_port,
     )
     try:
         await site.start()
@@ -119,11 +144,17 @@ async def start_server(
 
 
 async def _serve_until_signalled(
-    app: web.Application, config: HubConfig, host: str, port: int, tls: ssl.SSLContext | None
+    app: web.Application,
+    config: HubConfig,
+    host: str,
+    port: int,
+    tls: ssl.SSLContext | None,
+    *,
+    reuse_port: bool = False,
 ) -> None:
     """Serve until SIGINT or SIGTERM, then finish requests in progress and close everything."""
     log = logging.getLogger("hashfed.hub")
-    runner, site = await start_server(app, config, host, port, tls)
+    runner, site = await start_server(app, config, host, port, tls, reuse_port=reuse_port)
     log.info("serving on %s (at most %d connections)", site.name, config.max_connections)
     if tls is None:
         log.warning(

@@ -170,9 +170,14 @@ class IndexCatalog:
         self._collections: dict[str, _CollectionIndexes] = {}
         self._checked: dict[str, float] = {}
         self._unsaved: set[str] = set()
+        """Collections whose last snapshot could not be written (retried by :meth:`retry_snapshots`)."""
         self.on_merge: Callable[[float], None] | None = None
         """Told how long each merge of a large segment took (the hub's metrics)."""
-        """Collections whose last snapshot could not be written (retried by :meth:`retry_snapshots`)."""
+        self.external_poll = EXTERNAL_POLL_SECONDS
+        """Seconds a search may go without checking the store for other processes' writes; 0 with
+        several workers, so that a lookup reflects every entry any of them acknowledged before it began."""
+        self.writes_snapshots = True
+        """False in all workers but one: snapshots are read by all, written by one."""
         self._lock = threading.Lock()
 
     def _build(self, collection: str) -> _CollectionIndexes:
@@ -213,7 +218,7 @@ class IndexCatalog:
         On a full or read-only disk the index still serves from memory; the
         collection is remembered and saved again by :meth:`retry_snapshots`.
         """
-        if self._snapshots is None:
+        if self._snapshots is None or not self.writes_snapshots:
             return
         try:
             self._snapshots.save(collection, signal, position, codes)
@@ -275,7 +280,7 @@ class IndexCatalog:
 
     def snapshot(self, collection: str) -> None:
         """Save the collection's codes, of each type that keeps them, with the log position they reflect."""
-        if self._snapshots is None:
+        if self._snapshots is None or not self.writes_snapshots:
             return
         with self._lock:
             current = self._collections.get(collection)
@@ -349,7 +354,7 @@ class IndexCatalog:
         budget: MatchBudget | None = None,
     ) -> list[list[Hit]]:
         now = time.monotonic()
-        stale = now - self._checked.get(collection, -1.0) >= EXTERNAL_POLL_SECONDS
+        stale = now - self._checked.get(collection, -1.0) >= self.external_poll
         if stale or collection not in self._collections:
             self.catch_up(collection)
             self._checked[collection] = now

@@ -243,10 +243,16 @@ class SqliteStore:
         return [key_record_from_row(row) for row in rows]
 
     def key_memberships(self, key_id: str) -> list[tuple[str, KeyRecord]]:
+        """Every collection granting ``key_id``; read on every signed request, so cached until a commit."""
+        version, cached = self._unchanged_since(f"key:{key_id}")
+        if isinstance(cached, list):
+            return list(cached)
         rows = self._conn().execute(
             "SELECT collection, key, rights, granted, revoked FROM keys WHERE key_id = ?", (key_id,)
         )
-        return [(row[0], key_record_from_row(row[1:], self._parsed_keys)) for row in rows]
+        memberships = [(row[0], key_record_from_row(row[1:], self._parsed_keys)) for row in rows]
+        self._remember(f"key:{key_id}", version, memberships)
+        return list(memberships)
 
     def changes_since(self, collection: str, position: int) -> tuple[list[ListingChange], int]:
         with self._read() as conn:
