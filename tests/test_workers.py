@@ -15,6 +15,7 @@ import os
 import random
 import signal
 import subprocess
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,8 +118,9 @@ async def serving_workers(tmp_path: Path, settings: str = "") -> AsyncIterator[W
         await until_every_worker_is_ready(running)
         yield running
     finally:
-        proc.send_signal(signal.SIGTERM)
-        assert wait_exit(proc, 60) == 0, log.read_text()
+        if proc.poll() is None:  # a test may have killed it
+            proc.send_signal(signal.SIGTERM)
+            assert wait_exit(proc, 60) == 0, log.read_text()
 
 
 async def test_a_signature_used_at_one_worker_is_refused_at_every_other(workers: Workers) -> None:
@@ -169,6 +171,12 @@ async def test_concurrent_submitters_leave_one_log_with_no_gap_and_unique_seqs(w
             [("pdq", pdq(offset + n)) for offset in (10_000, 20_000) for n in range(150)], max_distance=0
         )
     assert all(len(matches) == 1 for matches in listed)
+    notes: dict[str, str] = {}
+    while len(notes) < WORKERS:  # every worker signs the same checkpoint of the one log
+        status, worker, note = await workers.get(f"/v1/collections/{COLLECTION}/checkpoint")
+        assert status == 200
+        notes[worker] = note
+    assert len(set(notes.values())) == 1 and next(iter(notes.values())).split("\n")[1] == "32"
 
 
 async def test_a_killed_worker_loses_nothing_acknowledged_and_is_started_again(workers: Workers) -> None:
@@ -206,3 +214,20 @@ async def test_a_keys_rate_limit_is_one_budget_across_workers(tmp_path: Path) ->
     assert [status for status, _, _ in answers].count(200) == 4  # the burst, whichever worker answered
     limited = {worker for status, worker, body in answers if status == 429 and "rate limit" in body}
     assert len(limited) == WORKERS
+
+
+async def test_workers_stop_by_themselves_when_the_supervisor_is_killed(tmp_path: Path) -> None:
+    async with serving_workers(tmp_path) as workers:
+        pids = workers.worker_pids()
+        workers.proc.kill()  # SIGKILL: the supervisor cannot stop anything
+        workers.proc.wait(10)
+        deadline = time.monotonic() + 30
+        while any(Path(f"/proc/{pid}").exists() and _cmdline(pid) for pid in pids):
+            assert time.monotonic() < deadline, f"workers {pids} still run without their supervisor"
+            await asyncio.sleep(0.2)
+        with pytest.raises(aiohttp.ClientError):
+            await workers.get("/v1/ready")
+        assert (
+            "the supervisor" in workers.log.read_text()
+            and "is gone; this worker stops" in workers.log.read_text()
+        )

@@ -17,7 +17,8 @@ workers. Each worker is a whole hub over the same database:
   (:mod:`.shared_guard`), so a signature used at one worker is refused at all;
 * worker 0 alone pulls from peers and writes index snapshots, which all read.
 
-A worker that dies is started again; SIGINT or SIGTERM stops them all.
+A worker that dies is started again; SIGINT or SIGTERM stops them all, and
+workers whose supervisor was killed outright stop by themselves.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import shutil
 import signal
 import socket
 import sys
+import threading
 import time
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -176,6 +178,22 @@ def _forget_metrics(process: BaseProcess) -> None:
         multiprocess.mark_process_dead(process.pid)  # type: ignore[no-untyped-call]
 
 
+def watch_supervisor(supervisor: int, interval: float = 1.0) -> None:
+    """Stop this worker (SIGTERM to itself: requests in progress finish) once its supervisor is gone.
+
+    A supervisor killed outright (SIGKILL, the OOM killer) cannot stop its
+    workers; without this they would keep serving, unsupervised, on its port.
+    """
+
+    def watch() -> None:
+        while os.getppid() == supervisor:
+            time.sleep(interval)
+        log.error("the supervisor (pid %d) is gone; this worker stops", supervisor)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="hashfed-supervisor-watch", daemon=True).start()
+
+
 def run_worker(path: str, host: str, port: int, number: int, log_format: str) -> None:
     """One worker: a whole hub over the shared database, listening with SO_REUSEPORT (a child process)."""
     import asyncio
@@ -186,6 +204,7 @@ def run_worker(path: str, host: str, port: int, number: int, log_format: str) ->
     from .shared_guard import SharedRequestGuard, SharedState
 
     configure_logging(log_format)
+    watch_supervisor(os.getppid())
     data = DataDir(Path(path))
     config = data.config()
     sys.setswitchinterval(SWITCH_INTERVAL)
