@@ -466,6 +466,14 @@ def check_body_digest(verified: VerifiedRequest, body: bytes) -> None:
         )
 
 
+def replayed(seconds_ago: int) -> SignatureRefused:
+    """The refusal of a signature first used ``seconds_ago`` seconds ago."""
+    return SignatureRefused(
+        f"replayed signature: this exact signature was already used {seconds_ago} seconds ago; "
+        "sign every request afresh, with a new nonce parameter"
+    )
+
+
 class ReplayGuard:
     """Remembers signatures seen within the skew window so a replay is refused.
 
@@ -501,11 +509,7 @@ class ReplayGuard:
                 _, expired = heapq.heappop(self._queue)
                 del self._expiry[expired]
             if signature in self._expiry:
-                raise SignatureRefused(
-                    "replayed signature: this exact signature was already used "
-                    f"{now - (self._expiry[signature] - self._window)} seconds ago; "
-                    "sign every request afresh, with a new nonce parameter"
-                )
+                raise replayed(now - (self._expiry[signature] - self._window))
             while len(self._expiry) >= self._max_entries:
                 _, evicted = heapq.heappop(self._queue)
                 del self._expiry[evicted]

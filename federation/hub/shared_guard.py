@@ -25,7 +25,7 @@ import threading
 import time
 from pathlib import Path
 
-from ..httpsig import MAX_CLOCK_SKEW, SignatureRefused, VerifiedRequest
+from ..httpsig import MAX_CLOCK_SKEW, VerifiedRequest, replayed
 from .limits import RateLimited, RequestGuard
 
 STATE_FILE = "workers.sqlite3"
@@ -136,11 +136,7 @@ class SharedRequestGuard(RequestGuard):
                 "SELECT expires FROM seen WHERE signature = ?", (verified.signature,)
             ).fetchone()
             if row is not None and int(row[0]) >= now:
-                raise SignatureRefused(
-                    "replayed signature: this exact signature was already used "
-                    f"{now - (int(row[0]) - self.window)} seconds ago; "
-                    "sign every request afresh, with a new nonce parameter"
-                )
+                raise replayed(now - (int(row[0]) - self.window))
             conn.execute(
                 "INSERT INTO seen (signature, expires) VALUES (?, ?) "
                 "ON CONFLICT (signature) DO UPDATE SET expires = excluded.expires",
