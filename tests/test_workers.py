@@ -127,7 +127,9 @@ async def test_a_signature_used_at_one_worker_is_refused_at_every_other(workers:
     body = json.dumps({"queries": [{"type": "pdq", "hash": pdq(1)}]}).encode()
     headers = sign_request(workers.members["reader"], "POST", "/v1/lookup", "", body)
     headers["Content-Type"] = "application/json"
-    answers = [await workers.post("/v1/lookup", body, headers) for _ in range(16)]
+    answers = [await workers.post("/v1/lookup", body, headers)]
+    while len({worker for status, worker, _ in answers if status != 200}) < WORKERS and len(answers) < 200:
+        answers.append(await workers.post("/v1/lookup", body, headers))  # until every worker was asked again
     assert [status for status, _, _ in answers].count(200) == 1
     refused = [(worker, body) for status, worker, body in answers if status != 200]
     assert all(json.loads(body)["detail"].startswith("replayed signature") for _, body in refused)
@@ -146,7 +148,9 @@ async def test_a_write_acknowledged_by_any_worker_is_seen_by_the_next_lookup_at_
             assert [m["hash"] for m in matches] == [code], (
                 f"lookup {number} missed the entry just acknowledged"
             )
-    for _ in range(10):
+    for _ in range(200):
+        if len(answered_by) == WORKERS:
+            break
         status, worker, body = await workers.get(f"/v1/collections/{COLLECTION}/checkpoint")
         assert status == 200
         answered_by.add(worker)
@@ -206,11 +210,14 @@ async def test_a_killed_worker_loses_nothing_acknowledged_and_is_started_again(w
 async def test_a_keys_rate_limit_is_one_budget_across_workers(tmp_path: Path) -> None:
     async with serving_workers(tmp_path, "rate_limit_per_second = 0.1\nrate_limit_burst = 4\n") as workers:
         answers = []
-        for number in range(12):
+        number = 0
+        while number < 12 or len({w for status, w, _ in answers if status == 429}) < WORKERS:
+            assert number < 200, "the kernel sent every connection to one worker"
             body = json.dumps({"queries": [{"type": "pdq", "hash": pdq(number)}]}).encode()
             headers = sign_request(workers.members["reader"], "POST", "/v1/lookup", "", body)
             headers["Content-Type"] = "application/json"
             answers.append(await workers.post("/v1/lookup", body, headers))
+            number += 1
     assert [status for status, _, _ in answers].count(200) == 4  # the burst, whichever worker answered
     limited = {worker for status, worker, body in answers if status == 429 and "rate limit" in body}
     assert len(limited) == WORKERS
