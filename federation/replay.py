@@ -8,7 +8,7 @@ and compares the stored tree hashes with ones recomputed from the entries.
 from __future__ import annotations
 
 from . import merkle
-from .envelope import Envelope, EnvelopeError, Limits, parse_payload
+from .envelope import Envelope, EnvelopeError, Limits, Payload, parse_payload
 from .state import LogContext, Refusal, apply_entry, check_entry
 from .store.base import HubStore, StoreError
 
@@ -16,6 +16,12 @@ REPLAY_LIMITS = Limits(
     max_items=2**31, max_labels_per_item=2**31, max_label_length=2**31, max_note_length=2**31
 )
 """Entries already in the log were accepted under the limits of their day; replay does not re-judge them."""
+
+
+def stored_payload(data: bytes) -> Payload:
+    """The payload of an entry already in a log, read under :data:`REPLAY_LIMITS` (signature not re-checked)."""
+    envelope = Envelope.parse(data)
+    return parse_payload(envelope.payload_type, envelope.payload, REPLAY_LIMITS)
 
 
 def replay_log(store: HubStore, collection: str, context: LogContext) -> int:

@@ -17,7 +17,7 @@ from ..console.access import ConsoleAccess
 from ..node import Node
 from ..sync.peering import Peering
 from .batching import LookupBatcher
-from .limits import ADMISSION, Admission, RequestGuard, handler_args, limit_middlewares, rate_limiter
+from .limits import ADMISSION, Admission, Guard, RequestGuard, handler_args, limit_middlewares, rate_limiter
 from .metrics import METRICS, HubMetrics, metrics_middleware
 from .problems import MAX_BODY, problem_middleware
 from .sending import SendDeadline, StreamSlots, send_deadline_middleware
@@ -38,7 +38,7 @@ class HubRuntime:
 
     node: Node
     config: HubConfig
-    guard: RequestGuard = field(default_factory=RequestGuard)
+    guard: Guard = field(default_factory=RequestGuard)
     """Refuses replayed signatures and, when configured, keys over their rate limit."""
     writer: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="hashfed-writer")
@@ -89,7 +89,7 @@ def create_app(
     config: HubConfig,
     console: ConsoleAccess | None = None,
     *,
-    guard: RequestGuard | None = None,
+    guard: Guard | None = None,
     pulls_peers: bool = True,
     worker: int | None = None,
 ) -> web.Application:

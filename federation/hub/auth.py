@@ -12,7 +12,7 @@ from ..httpsig import SignatureRefused, VerifiedRequest, check_body_digest, veri
 from ..keys import VerifierKey
 from ..node import Node
 from ..state import KeyRecord
-from .limits import RequestGuard
+from .limits import Guard
 from .problems import Problem
 
 
@@ -67,7 +67,7 @@ class SignedRequest:
 
 def authenticate(
     node: Node,
-    guard: RequestGuard,
+    guard: Guard,
     signed: SignedRequest,
     body: bytes | None,
     *,

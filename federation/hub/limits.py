@@ -42,7 +42,7 @@ import time
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from types import MappingProxyType
-from typing import cast
+from typing import Protocol, cast
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
@@ -158,6 +158,16 @@ class RateLimiter:
             if now - counted < refill:
                 return
             self._buckets.popitem(last=False)
+
+
+class Guard(Protocol):
+    """What a request whose signature verified must still pass before it is handled.
+
+    :class:`RequestGuard` in one process; the workers of one hub share a
+    :class:`~federation.hub.shared_guard.SharedRequestGuard`.
+    """
+
+    def admit(self, verified: VerifiedRequest, now: int) -> None: ...
 
 
 class RequestGuard(ReplayGuard):

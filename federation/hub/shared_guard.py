@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from ..httpsig import MAX_CLOCK_SKEW, VerifiedRequest, replayed
-from .limits import RateLimited, RequestGuard
+from .limits import RateLimited
 
 STATE_FILE = "workers.sqlite3"
 PRUNE_EVERY = 1_000
@@ -104,8 +104,9 @@ class _Transaction:
             self.state._lock.release()
 
 
-class SharedRequestGuard(RequestGuard):
-    """:class:`RequestGuard` whose memory of signatures and rate buckets every worker shares."""
+class SharedRequestGuard:
+    """:class:`~federation.hub.limits.RequestGuard`'s checks, with the memory of signatures and rate
+    buckets every worker shares (a :class:`~federation.hub.limits.Guard`)."""
 
     def __init__(
         self,
@@ -115,16 +116,11 @@ class SharedRequestGuard(RequestGuard):
         *,
         window: int = 2 * MAX_CLOCK_SKEW,
     ) -> None:
-        super().__init__()
         self.state = state
         self.rate = rate
         self.burst = burst
         self.window = window
         self._admitted = 0
-
-    def __len__(self) -> int:
-        with self.state.transaction() as conn:
-            return int(conn.execute("SELECT count(*) FROM seen").fetchone()[0])
 
     def admit(self, verified: VerifiedRequest, now: int) -> None:
         refusal = None

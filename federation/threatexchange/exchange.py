@@ -39,10 +39,10 @@ from threatexchange.signal_type.signal_base import SignalType
 
 from ..client import HubClient, HubError, new_client_session
 from ..config import ConfigError
-from ..envelope import Envelope, OpinionItem, parse_payload
+from ..envelope import OpinionItem
 from ..keys import KeyFormatError, SignerKey, load_signer_file, parse_key_chain
 from ..payloads import BatchPayload, OpinionPayload
-from ..replay import REPLAY_LIMITS
+from ..replay import stored_payload
 from ..store.base import MemberView
 from ..sync.mirror import MirrorConfig, MirrorDir, open_puller
 from ..sync.puller import SourceStopped, SyncProgress
@@ -417,9 +417,7 @@ def _video_frames(node: Any, collection: str, hashes: list[str]) -> dict[str, st
     details = node.store.details(collection, "vpdq", hashes)
     result: dict[str, str] = {}
     for hash_hex, detail in details.items():
-        record = node.store.entries(collection, detail.first_index, 1)[0]
-        envelope = Envelope.parse(record.data)
-        payload = parse_payload(envelope.payload_type, envelope.payload, REPLAY_LIMITS)
+        payload = stored_payload(node.store.entries(collection, detail.first_index, 1)[0].data)
         assert isinstance(payload, BatchPayload)
         addition = next(item for item in payload.add if item.signal == "vpdq" and item.hash == hash_hex)
         result[hash_hex] = json.dumps(
@@ -430,8 +428,7 @@ def _video_frames(node: Any, collection: str, hashes: list[str]) -> dict[str, st
 
 def _touched_keys(data: bytes) -> list[tuple[str, str]]:
     """The (type, hash) pairs one verified log entry lists, removes or gives an opinion on."""
-    envelope = Envelope.parse(data)
-    payload = parse_payload(envelope.payload_type, envelope.payload, REPLAY_LIMITS)
+    payload = stored_payload(data)
     if isinstance(payload, BatchPayload):
         return [(item.signal, item.hash) for item in payload.add] + [
             (item.signal, item.hash) for item in payload.remove
