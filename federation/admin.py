@@ -27,25 +27,52 @@ from .keys import (
 from .node import Accepted
 from .state import KeyRecord
 from .store.base import StoreError
+from .store.opening import is_postgres, open_store, sqlite_file
 from .store.storage_faults import free_bytes, is_read_only
 
 
-def init_hub(path: Path, *, name: str, federation: str, collection: str) -> VerifierKey:
-    """Create a hub data directory with its key, database, config and first collection."""
+def init_hub(path: Path, *, name: str, federation: str, collection: str, database: str = "") -> VerifierKey:
+    """Create a hub data directory with its key, database, config and first collection.
+
+    ``database`` is hub.toml's setting: empty for SQLite in the directory, or
+    a PostgreSQL URL, which must name an empty database (``createdb``).
+    """
     check_name(name)
     check_name(federation)
     check_collection_name(collection)
+    config = HubConfig(name=name, federation=federation, database=database)
     data = DataDir(path)
     if data.config_file.exists():
         raise ConfigError(f"{path} is already a hub data directory")
+    if is_postgres(database):
+        _claim_database(config, path)
     make_private_directory(path)
     signer = SignerKey.generate(name)
     write_signer_file(signer, data.signer_file)
     write_atomically(data.verifier_file, signer.verifier.encode() + "\n")
     write_atomically(data.key_chain_file, signer.verifier.encode() + "\n")  # grows with each rotation
-    write_atomically(data.config_file, HubConfig(name=name, federation=federation).to_toml())
+    write_atomically(data.config_file, config.to_toml())
+    if not is_postgres(database):
+        _claim_database(config, path)
     add_collection(data, collection)
     return signer.verifier
+
+
+def _claim_database(config: HubConfig, path: Path) -> None:
+    """Mark the database as this hub's before anything is written to it; refuse another hub's."""
+    try:
+        store = open_store(config.database, path)
+    except StoreError as exc:
+        raise ConfigError(str(exc)) from exc
+    try:
+        store.claim(config.name)
+    except StoreError as exc:
+        raise ConfigError(
+            f"{exc}: give `hashfed init --db` an empty database (createdb NAME); to run another "
+            "replica of that hub, copy its data directory instead"
+        ) from exc
+    finally:
+        store.close()
 
 
 def add_collection(data: DataDir, collection: str, grants: Sequence[Grant] = ()) -> Accepted:
@@ -105,7 +132,9 @@ def check_room_to_rebuild(data: DataDir) -> None:
         raise ConfigError(
             f"{data.path} is read-only; `hashfed rebuild` needs to write there; nothing was changed"
         )
-    database = data.database
+    database = sqlite_file(data.config().database, data.path)
+    if database is None:
+        return  # PostgreSQL: the server's disk is the server's to watch
     needed = sum(_size(path) for path in (database, database.with_name(database.name + "-wal")))
     reserve = data.config().min_free_bytes
     free = free_bytes(data.path)

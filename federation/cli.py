@@ -27,6 +27,7 @@ from .signals import SIGNAL_TYPES, SignalError, signal_type
 from .signals.pdq import MAX_DISTANCE_LIMIT as REQUEST_MAX_DISTANCE_LIMIT
 from .state import Refusal
 from .store.base import StorageUnavailable, StoreError
+from .store.opening import redact
 from .tls import add_tls_options, client_tls
 
 MAX_BATCH = 100_000
@@ -109,10 +110,16 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 def cmd_init(args: argparse.Namespace) -> int:
     key = admin.init_hub(
-        Path(args.dir), name=args.name, federation=args.federation, collection=args.collection
+        Path(args.dir),
+        name=args.name,
+        federation=args.federation,
+        collection=args.collection,
+        database=args.db,
     )
     data = DataDir(Path(args.dir))
     print(f"created hub {args.name} of federation {args.federation} in {data.path}")
+    if args.db:
+        print(f"database: {redact(args.db)} (replicas: copy {data.path} to each machine, then serve it)")
     print(f"collection: {args.collection}")
     print(f"configuration: {data.config_file}")
     print(f"signer key: {data.signer_file} (back it up, never share it)")
@@ -186,6 +193,23 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
     replayed = admin.rebuild(DataDir(Path(args.dir)))
     for collection, count in replayed.items():
         print(f"{collection}: replayed {count:,} log entries")
+    return 0
+
+
+def cmd_migrate_store(args: argparse.Namespace) -> int:
+    from .migrate import describe, migrate_store
+
+    data = DataDir(Path(args.dir))
+    shown = [0.0]
+
+    def progress(collection: str, done: int, total: int) -> None:
+        if time.monotonic() - shown[0] >= 5 or done == total:
+            shown[0] = time.monotonic()
+            print(f"{collection}: copied {done:,} of {total:,} entries", file=sys.stderr)
+
+    source = data.database
+    moved = migrate_store(data, args.to, progress)
+    print(describe(moved, args.to, source))
     return 0
 
 
@@ -421,6 +445,14 @@ def _add_admin_commands(sub: Any) -> None:
     p.add_argument("--name", required=True, help="the hub's name (also its key's name)")
     p.add_argument("--federation", required=True, help="the federation this hub serves")
     p.add_argument("--collection", required=True, help="the first collection")
+    p.add_argument(
+        "--db",
+        default="",
+        metavar="URL",
+        help="where the log is kept: by default hub.sqlite3 in DIR; postgresql://USER@HOST:PORT/DATABASE "
+        "(an empty database; the password from PGPASSWORD or ~/.pgpass) for replicas on several "
+        "machines: see docs/scaling.md",
+    )
 
     member = sub.add_parser(
         "member", help="grant, revoke and list member keys", description="Manage member keys."
@@ -460,6 +492,14 @@ def _add_admin_commands(sub: Any) -> None:
     )
 
     _dir_command(sub, "rebuild", cmd_rebuild)
+    p = _dir_command(sub, "migrate-store", cmd_migrate_store)
+    p.add_argument(
+        "--to",
+        required=True,
+        metavar="URL",
+        help="an empty PostgreSQL database, postgresql://USER@HOST:PORT/DATABASE: the log is copied "
+        "there, the projection rebuilt from it and compared, then hub.toml names it (stop the hub first)",
+    )
     p = _dir_command(sub, "console-token", cmd_console_token)
     p.add_argument(
         "--hours", type=float, default=8.0, metavar="H", help="how long the token lets one log in (default 8)"

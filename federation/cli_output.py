@@ -159,8 +159,11 @@ HELP: dict[str, tuple[str, str, str]] = {
     "init": (
         "create a hub data directory",
         "Create a hub data directory: the hub's key, configuration (hub.toml), database and first "
-        "collection. The last line printed is the hub's verifier key.",
-        "hashfed init /srv/hashfed --name hub1 --federation tsfed --collection csam",
+        "collection. The last line printed is the hub's verifier key. The log is kept in DIR/hub.sqlite3, "
+        "or with --db in an empty PostgreSQL database that replicas of the hub share.",
+        "hashfed init /srv/hashfed --name hub1 --federation tsfed --collection csam\n"
+        "hashfed init /srv/hashfed --name hub1 --federation tsfed --collection csam \\\n"
+        "    --db postgresql://hashfed@db.internal/hashfed",
     ),
     "member grant": (
         "grant a key rights on a collection",
@@ -190,7 +193,8 @@ HELP: dict[str, tuple[str, str, str]] = {
         "run the hub",
         "Serve the hub's HTTP API until interrupted. Host and port default to hub.toml "
         "(127.0.0.1:8080 unless edited). With --workers N, N processes serve the one port over the "
-        "one database, sharing replay protection and rate limits, so the hub uses N cores.",
+        "one database, sharing replay protection and rate limits, so the hub uses N cores. A hub on "
+        "PostgreSQL can also run as replicas on several machines: copies of DIR, each served.",
         "hashfed serve /srv/hashfed\nhashfed serve /srv/hashfed --host 0.0.0.0 --port 9000\n"
         "hashfed serve /srv/hashfed --workers 2",
     ),
@@ -199,6 +203,15 @@ HELP: dict[str, tuple[str, str, str]] = {
         "Replay every collection's log into a fresh projection, checking every entry again "
         "(stop the hub first).",
         "hashfed rebuild /srv/hashfed",
+    ),
+    "migrate-store": (
+        "move the hub's log from SQLite to PostgreSQL",
+        "Copy every collection's log, in order, into an empty PostgreSQL database, rebuild the "
+        "projection there from it, check that entries, roots and projection equal the original's, "
+        "then point hub.toml at the database. The SQLite file is kept unchanged. Stop the hub first; "
+        "afterwards copy DIR to each machine that runs a replica.",
+        "createdb -h db.internal hashfed\n"
+        "hashfed migrate-store /srv/hashfed --to postgresql://hashfed@db.internal/hashfed",
     ),
     "console-token": (
         "issue a login token for the web console",

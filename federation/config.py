@@ -5,7 +5,7 @@ Layout::
     DIR/hub.toml      name, federation, listen address, limits (edit by hand)
     DIR/hub.key       the hub's signer key (mode 0600; back it up, never share it)
     DIR/hub.pub       the hub's verifier key (give it to members and peers)
-    DIR/hub.sqlite3   the log and its projection (SQLite, WAL)
+    DIR/hub.sqlite3   the log and its projection (SQLite, WAL), unless hub.toml names a PostgreSQL database
     DIR/index/        snapshots of the PDQ and PhotoDNA indexes (derived from the log; safe to delete)
     DIR/signed/       the last checkpoint signed per collection (back it up with the database)
     DIR/retired/      hub keys rotated away from (they signed the logs' earlier entries)
@@ -193,7 +193,17 @@ _SECONDS_OR_RATES = frozenset(
 )
 """Settings that take a number, integer or not; every other number setting is an integer."""
 _STRING_SETTINGS = frozenset(
-    {"name", "federation", "host", "tls_cert", "tls_key", "tls_client_ca", "metrics_allow", "console_allow"}
+    {
+        "name",
+        "federation",
+        "host",
+        "database",
+        "tls_cert",
+        "tls_key",
+        "tls_client_ca",
+        "metrics_allow",
+        "console_allow",
+    }
 )
 _POSITIVE = (
     "max_connections",
@@ -208,6 +218,7 @@ _POSITIVE = (
     "max_streams",
     "max_streams_per_key",
     "entries_page_bytes",
+    "database_pool_size",
 )
 _NON_NEGATIVE = (
     "min_free_bytes",
@@ -225,6 +236,12 @@ class HubConfig:
     federation: str
     host: str = "127.0.0.1"
     port: int = 8080
+    database: str = ""
+    """Where the log is kept: empty for hub.sqlite3 in the data directory, ``sqlite:///PATH``, or
+    ``postgresql://USER@HOST:PORT/DB`` (the password from ``PGPASSWORD`` or ``~/.pgpass``), which
+    several replicas of the hub share."""
+    database_pool_size: int = 8
+    """PostgreSQL connections one hub process keeps open at most."""
     max_body_bytes: int = 64 * 1024 * 1024
     max_queries: int = 10_000
     max_items: int = 100_000
@@ -268,6 +285,7 @@ class HubConfig:
     photodna_max_distance: int = 30_000
     """Default squared Euclidean distance for PhotoDNA queries that give none (0-9,363,600)."""
     min_free_bytes: int = 64 * 1024 * 1024
+    """Writes are refused (507 ``storage-full``) while the data directory's disk has less free; 0 = off."""
     metrics_allow: str = "127.0.0.0/8 ::1"
     """Networks whose callers may read ``GET /metrics`` (spaces or commas between them; ``*``: anyone)."""
     console_allow: str = "127.0.0.0/8 ::1"
@@ -278,7 +296,6 @@ class HubConfig:
     """PEM private key of ``tls_cert``."""
     tls_client_ca: str = ""
     """PEM CA file: when set, callers must show a client certificate it issued (mutual TLS)."""
-    """Writes are refused (507 ``storage-full``) while the data directory's disk has less free; 0 = off."""
     peers: tuple[PeerConfig, ...] = ()
 
     def __post_init__(self) -> None:
@@ -301,6 +318,11 @@ class HubConfig:
         if self.tls_client_ca and not self.tls_cert:
             raise ConfigError(
                 "tls_client_ca asks callers for certificates over TLS: set tls_cert and tls_key too"
+            )
+        if self.database and not self.database.startswith(("sqlite:///", "postgresql://", "postgres://")):
+            raise ConfigError(
+                f"database {self.database!r} is not a database URL: leave it empty for hub.sqlite3, "
+                "or give sqlite:///PATH or postgresql://USER@HOST:PORT/DATABASE"
             )
         if not 0 <= self.photodna_max_distance <= PHOTODNA_MAX_DISTANCE_LIMIT:
             raise ConfigError(
@@ -383,6 +405,7 @@ class DataDir:
 
     @property
     def database(self) -> Path:
+        """The SQLite file of a hub on SQLite; a hub on PostgreSQL names its database in hub.toml."""
         return self.path / DATABASE_FILE
 
     @property

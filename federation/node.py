@@ -168,7 +168,9 @@ class Node:
         """
         for collection in self.own_collections():
             size = self.store.log_size(collection)
-            check_stored_log(collection, self.signed.last(collection), size, _Reader(self.store, collection))
+            check_stored_log(
+                collection, self.signed.last(collection), size, StoredTree(self.store, collection)
+            )
 
     def load(self) -> None:
         """Build every collection's indexes (startup; ``/v1/ready`` waits for this)."""
@@ -363,7 +365,7 @@ class Node:
     def root(self, collection: str, size: int) -> bytes:
         """The root of the first ``size`` entries of a collection's log, from the stored tree."""
         self._check_size(collection, size)
-        return merkle.root(_Reader(self.store, collection), size)
+        return merkle.root(StoredTree(self.store, collection), size)
 
     # ---- the read path --------------------------------------------------
 
@@ -387,7 +389,7 @@ class Node:
             cached = self._checkpoints.get(collection)
             if cached and cached[0] == size:
                 return cached[1]
-            reader = _Reader(self.store, collection)
+            reader = StoredTree(self.store, collection)
             with self.signed.locked():
                 # Another worker of this hub may have appended, and signed a larger
                 # checkpoint, since the size above was read: sign the log as it is now.
@@ -405,11 +407,11 @@ class Node:
 
     def inclusion_proof(self, collection: str, index: int, size: int) -> list[bytes]:
         self._check_size(collection, size)
-        return merkle.inclusion_proof(_Reader(self.store, collection), index, size)
+        return merkle.inclusion_proof(StoredTree(self.store, collection), index, size)
 
     def consistency_proof(self, collection: str, old: int, new: int) -> list[bytes]:
         self._check_size(collection, new)
-        return merkle.consistency_proof(_Reader(self.store, collection), old, new)
+        return merkle.consistency_proof(StoredTree(self.store, collection), old, new)
 
     def _check_size(self, collection: str, size: int) -> None:
         current = self.store.log_size(collection)
@@ -488,7 +490,7 @@ def _append(
     return entry
 
 
-class _Reader:
+class StoredTree:
     """Adapts a store to :class:`federation.merkle.HashReader` for one collection."""
 
     def __init__(self, store: HubStore, collection: str) -> None:

@@ -99,6 +99,10 @@ class Projection(Protocol):
     def log_size(self) -> int: ...
     def key_record(self, key_id: str) -> KeyRecord | None: ...
     def last_seq(self, key_id: str) -> int: ...
+    def read_ahead(self, keys: Sequence[tuple[str, str]]) -> None:
+        """A hint: ``lists`` and ``listers`` are about to be asked of these (type, hash) pairs."""
+        ...
+
     def lists(self, signal: str, hash_hex: str, member: str) -> bool: ...
     def listers(self, signal: str, hash_hex: str) -> int: ...
     def hub_keys(self) -> list[HubKeyRecord]:
@@ -223,6 +227,7 @@ def check_entry(envelope: Envelope, payload: Payload, context: LogContext, view:
             "it re-signs above the last accepted seq by itself)",
         )
     if isinstance(payload, BatchPayload):
+        view.read_ahead(_batch_keys(payload))
         for removal in payload.remove:
             if not view.lists(removal.signal, removal.hash, payload.member):
                 raise Refusal(
@@ -270,6 +275,10 @@ def check_rotation(payload: HubKeyPayload, context: LogContext, view: Projection
         )
 
 
+def _batch_keys(payload: BatchPayload) -> list[tuple[str, str]]:
+    return [(a.signal, a.hash) for a in payload.add] + [(r.signal, r.hash) for r in payload.remove]
+
+
 def apply_entry(index: int, signer: str, payload: Payload, view: Projection) -> list[ListingChange]:
     """Record the effect of an accepted entry at log ``index``; return the listing changes."""
     view.set_last_seq(signer, payload.header.seq)
@@ -287,6 +296,7 @@ def apply_entry(index: int, signer: str, payload: Payload, view: Projection) -> 
             if old is not None:
                 view.put_key(KeyRecord(old.key, old.rights, old.granted_index, index))
     elif isinstance(payload, BatchPayload):
+        view.read_ahead(_batch_keys(payload))
         for addition in payload.add:
             newly_listed = view.listers(addition.signal, addition.hash) == 0
             signal = signal_type(addition.signal)

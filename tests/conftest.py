@@ -1,4 +1,9 @@
-"""Shared fixtures: a real hub data directory on disk, served on loopback."""
+"""Shared fixtures: a real hub data directory on disk, served on loopback.
+
+Tests that take the ``database`` fixture (directly or through ``federation``)
+run once per store in the modules of ``BOTH_BACKENDS``: on SQLite, and on a
+fresh database of a real PostgreSQL server (:mod:`postgres_server`).
+"""
 
 from __future__ import annotations
 
@@ -15,9 +20,61 @@ from federation.config import DataDir
 from federation.envelope import Grant
 from federation.hub import create_app, open_node
 from federation.keys import SignerKey
+from tests.postgres_server import PostgresServer, start_postgres
 
 FEDERATION = "testfed"
 COLLECTION = "main"
+
+
+BOTH_BACKENDS = frozenset(
+    {
+        "test_api",
+        "test_batching",
+        "test_crash",
+        "test_key_rotation",
+        "test_projection",
+        "test_rebuild",
+        "test_refusals",
+        "test_signed_history",
+        "test_sync_all_types",
+        "test_sync_mirror",
+        "test_sync_peering",
+    }
+)
+"""Modules whose storage, projection, API, refusal, sync and crash tests run on both stores."""
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "database" in metafunc.fixturenames:
+        module = metafunc.module.__name__.rpartition(".")[2]
+        backends = ["sqlite", "postgresql"] if module in BOTH_BACKENDS else ["sqlite"]
+        metafunc.parametrize("database", backends, indirect=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+    """A real PostgreSQL server for the session (``HASHFED_TEST_POSTGRES``, or one started here)."""
+    server = start_postgres(tmp_path_factory.mktemp("postgres"))
+    if server is None:
+        pytest.skip(
+            "no PostgreSQL server: set HASHFED_TEST_POSTGRES=postgresql://USER@127.0.0.1:PORT/postgres, "
+            "or install Debian's postgresql package (initdb, pg_ctl); .ci/run does"
+        )
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def database(request: pytest.FixtureRequest) -> Iterator[str]:
+    """hub.toml's ``database`` setting: "" for SQLite in the data directory, or a new PostgreSQL database."""
+    if getattr(request, "param", "sqlite") == "sqlite":
+        yield ""
+        return
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    with server.fresh_database() as url:
+        yield url
 
 
 @dataclass
@@ -28,10 +85,10 @@ class Federation:
 
 
 @pytest.fixture
-def federation(tmp_path: Path) -> Iterator[Federation]:
+def federation(tmp_path: Path, database: str) -> Iterator[Federation]:
     """A hub data dir with collection ``main``: acme and beta write+read, reader reads only."""
     data = DataDir(tmp_path / "hub")
-    init_hub(data.path, name="testhub", federation=FEDERATION, collection=COLLECTION)
+    init_hub(data.path, name="testhub", federation=FEDERATION, collection=COLLECTION, database=database)
     members = {name: SignerKey.generate(name) for name in ("acme", "beta", "reader", "outsider")}
     change_membership(
         data,

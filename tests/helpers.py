@@ -9,6 +9,7 @@ import base64
 import hashlib
 import json
 import random
+import sqlite3
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from federation.keys import SignerKey, VerifierKey
 from federation.node import Match, Node
 from federation.signals import Frame, Query, SignalType, signal_type
 from federation.signals.vpdq import identity as video_identity
+from federation.store.opening import is_postgres, sqlite_file
 
 FEDERATION = "testfed"
 COLLECTION = "main"
@@ -381,3 +383,29 @@ def random_addition(kind: str, rng: random.Random, labels: tuple[str, ...] = ())
         frames = tuple(Frame(rng.randbytes(32).hex(), rng.randint(50, 100)) for _ in range(rng.randint(1, 4)))
         return Addition(kind, video_identity(frames), labels, frames=frames)
     return Addition(kind, rng.randbytes(signal_type(kind).byte_length).hex(), labels)
+
+
+def database_sql(data: DataDir, sql: str, parameters: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    """Run SQL (``?`` placeholders) on a hub's database behind its back, SQLite file or PostgreSQL.
+
+    Returns the rows of a query, or one row holding the count of rows a change touched.
+    """
+    url = data.config().database
+    if is_postgres(url):
+        import psycopg
+
+        with psycopg.connect(url, autocommit=True) as conn:
+            cursor = conn.execute(sql.replace("?", "%s"), parameters)
+            return cursor.fetchall() if cursor.description else [(cursor.rowcount,)]
+    path = sqlite_file(url, data.path)
+    assert path is not None
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        cursor = conn.execute(sql, parameters)
+        return cursor.fetchall() if cursor.description else [(cursor.rowcount,)]
+    finally:
+        conn.close()
+
+
+def on_postgres(data: DataDir) -> bool:
+    return is_postgres(data.config().database)

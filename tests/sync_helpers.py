@@ -115,10 +115,11 @@ class LiveHub:
             return await response.json()
 
 
-def make_hub(root: Path, name: str, members: dict[str, frozenset[str]]) -> LiveHub:
-    """A hub named ``name`` with collection ``main`` and the given members (name → rights)."""
+def make_hub(root: Path, name: str, members: dict[str, frozenset[str]], database: str = "") -> LiveHub:
+    """A hub named ``name`` with collection ``main`` and the given members (name → rights), on
+    ``database`` (hub.toml's setting: "" for SQLite)."""
     data = DataDir(root / name)
-    init_hub(data.path, name=name, federation=FEDERATION, collection=COLLECTION)
+    init_hub(data.path, name=name, federation=FEDERATION, collection=COLLECTION, database=database)
     keys = {member: SignerKey.generate(member) for member in members}
     if keys:
         change_membership(

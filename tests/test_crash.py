@@ -45,7 +45,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,7 +83,7 @@ from federation.keys import SignerKey, VerifierKey
 from federation.node import Node
 from federation.payloads import query_json
 from federation.signals import PDQ, SIGNAL_TYPES, Frame, Query
-from federation.store.sqlite import SqliteStore
+from federation.store.opening import open_store, sqlite_file
 from tests.faults import REPO, child_env, free_port
 from tests.helpers import node_lookup, random_addition
 
@@ -94,6 +94,9 @@ MEMBERS = ("acme", "beta", "gamma")
 READ_WRITE = frozenset({"read", "write"})
 LONG = os.environ.get("HASHFED_LONG_TESTS", "").strip() not in ("", "0")
 SUBMISSION_KILLS = int(os.environ.get("HASHFED_CRASH_KILLS", "30" if LONG else "3"))
+POSTGRES_KILLS = min(SUBMISSION_KILLS, 6)
+"""On PostgreSQL the run of kills is cut short: each epoch is slower there (every hub start reads
+the projection over the network), and the kills test the hub's side, which both stores share."""
 STARTUP_KILLS = 12 if LONG else 1
 REBUILD_KILLS = 10 if LONG else 1
 STARTUP_HASHES = 150_000 if LONG else 40_000
@@ -221,7 +224,29 @@ def snapshot_write_begins(directory: Path) -> Callable[[], bool]:
 # ---- verifying a store ----------------------------------------------------------------
 
 
-def _connect(db: Path) -> sqlite3.Connection:
+class _PostgresConnection:
+    """A psycopg connection taking the tests' ``?`` placeholders, like sqlite3's."""
+
+    def __init__(self, url: str) -> None:
+        import psycopg
+
+        self._conn = psycopg.connect(url, autocommit=True)
+
+    def execute(self, sql: str, parameters: Sequence[Any] = ()) -> Any:
+        return self._conn.execute(sql.replace("?", "%s"), parameters)
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+def _connect(db: Path | DataDir) -> Any:
+    """A connection to a hub's database: its SQLite file, or the PostgreSQL database hub.toml names."""
+    if isinstance(db, DataDir):
+        url = db.config().database
+        path = sqlite_file(url, db.path)
+        if path is None:
+            return _PostgresConnection(url)
+        db = path
     return sqlite3.connect(db, isolation_level=None, timeout=30)
 
 
@@ -239,7 +264,7 @@ def subtree_hashes(leaves: list[bytes]) -> dict[tuple[int, int], bytes]:
     return expected
 
 
-def read_log(db: Path, collection: str = COLLECTION) -> list[bytes]:
+def read_log(db: Path | DataDir, collection: str = COLLECTION) -> list[bytes]:
     """The log's entries; checks the log is whole: nothing half-appended, every stored hash its entries'."""
     with closing(_connect(db)) as conn:
         conn.execute("BEGIN")
@@ -274,7 +299,7 @@ def read_log(db: Path, collection: str = COLLECTION) -> list[bytes]:
 Projection = dict[str, Any]
 
 
-def dump_projection(db: Path, collection: str = COLLECTION) -> Projection:
+def dump_projection(db: Path | DataDir, collection: str = COLLECTION) -> Projection:
     """The stored projection (one snapshot of the database), in comparable form."""
     with closing(_connect(db)) as conn:
         conn.execute("BEGIN")
@@ -421,7 +446,7 @@ def check_snapshot(data: DataDir, collection: str = COLLECTION) -> str:
     if loaded is None:
         return "none"
     position, codes = loaded
-    with closing(_connect(data.database)) as conn:
+    with closing(_connect(data)) as conn:
         conn.execute("BEGIN")
         size = int(conn.execute("SELECT size FROM collections WHERE name = ?", (collection,)).fetchone()[0])
         listed = {
@@ -460,7 +485,7 @@ def check_index(data: DataDir, scratch: Path, collection: str = COLLECTION) -> N
     copy = scratch / f"index-copy-{time.monotonic_ns()}"
     if data.index_dir.exists():
         shutil.copytree(data.index_dir, copy)
-    store = SqliteStore(data.database)
+    store = open_store(data.config().database, data.path)
     try:
         catalog = IndexCatalog(store, copy)
         catalog.catch_up(collection)
@@ -508,8 +533,8 @@ def verify_store(
     ``expected`` is the replay of the log, when the caller has it already. With
     ``rebuild``, ``hashfed rebuild`` then succeeds and leaves log and projection unchanged.
     """
-    leaves = read_log(data.database)
-    stored = dump_projection(data.database)
+    leaves = read_log(data)
+    stored = dump_projection(data)
     replayed = expected if expected is not None else replay_projection(leaves)
     assert_same_projection(stored, replayed, "the projection against a replay of the log")
     check_snapshot(data)
@@ -518,8 +543,8 @@ def verify_store(
         done = run_rebuild(data)
         assert done.returncode == 0, done.stderr[-3000:]
         assert f"{COLLECTION}: replayed {len(leaves):,} log entries" in done.stdout, done.stdout
-        assert read_log(data.database) == leaves
-        assert_same_projection(dump_projection(data.database), stored, "the projection after hashfed rebuild")
+        assert read_log(data) == leaves
+        assert_same_projection(dump_projection(data), stored, "the projection after hashfed rebuild")
     return leaves, stored
 
 
@@ -806,12 +831,15 @@ merge: any moment while a merge-sized batch is parsed, appended, indexed and mer
 """
 
 
-async def test_sigkill_loses_no_acknowledged_entry(tmp_path: Path) -> None:
+async def test_sigkill_loses_no_acknowledged_entry(tmp_path: Path, database: str) -> None:
     seed = int.from_bytes(os.urandom(4), "big")
     rng = random.Random(seed)
     print(f"crash test seed {seed}")
     data = DataDir(tmp_path / "hub")
-    hub_key = init_hub(data.path, name=HUB_NAME, federation=FEDERATION, collection=COLLECTION)
+    hub_key = init_hub(
+        data.path, name=HUB_NAME, federation=FEDERATION, collection=COLLECTION, database=database
+    )
+    kill_count = POSTGRES_KILLS if database else SUBMISSION_KILLS
     signers = {name: SignerKey.generate(name) for name in MEMBERS}
     change_membership(data, COLLECTION, grant=[Grant(key.verifier, READ_WRITE) for key in signers.values()])
     start_seq = time.time_ns() // 1000
@@ -825,7 +853,7 @@ async def test_sigkill_loses_no_acknowledged_entry(tmp_path: Path) -> None:
     merge_seconds = 3.0
     try:
         async with aiohttp.ClientSession() as probe:
-            for epoch in range(SUBMISSION_KILLS + 1):
+            for epoch in range(kill_count + 1):
                 hub.start()
                 await hub.wait_ready(probe)
                 assert hub.proc is not None
@@ -841,7 +869,7 @@ async def test_sigkill_loses_no_acknowledged_entry(tmp_path: Path) -> None:
                             assert await post(clients[name], actor, envelope, record), "hub died while idle"
                             assert record.acked[-1].envelope == envelope, record.refused[-1:]
                             resent.append((name, 201 if record.acked[-1].created else 200))
-                    if epoch == SUBMISSION_KILLS:
+                    if epoch == kill_count:
                         break
                     scenario = SCENARIOS[epoch % len(SCENARIOS)]
                     big = asyncio.Event() if scenario in ("snapshot", "merge") else None
@@ -899,7 +927,7 @@ async def test_sigkill_loses_no_acknowledged_entry(tmp_path: Path) -> None:
                     for client in clients.values():
                         await client.close()
                 # ---- the hub is dead: its store must be whole ----
-                read_log(data.database)
+                read_log(data)
                 check_snapshot(data)
                 if scenario == "snapshot" and epoch == 0:
                     check_index(data, tmp_path)
@@ -909,7 +937,7 @@ async def test_sigkill_loses_no_acknowledged_entry(tmp_path: Path) -> None:
             assert not record.checkpoint_lags, record.checkpoint_lags[:5]
             acme = signers["acme"]
             leaves = await fetch_log(hub.url, acme)
-            assert leaves == read_log(data.database)
+            assert leaves == read_log(data)
             async with probe.get(f"{hub.url}/v1/collections/{COLLECTION}/checkpoint") as response:
                 final = open_note(await response.text(), hub_key)
             assert final.origin == f"{HUB_NAME}/{COLLECTION}"
@@ -930,7 +958,7 @@ async def test_sigkill_loses_no_acknowledged_entry(tmp_path: Path) -> None:
 
             # The projection equals a replay of the log: nothing half-applied, nothing applied unlogged.
             projection = replay_projection(leaves)
-            assert_same_projection(dump_projection(data.database), projection, "the serving hub's projection")
+            assert_same_projection(dump_projection(data), projection, "the serving hub's projection")
             # And lookups answer it for every hash ever sent (listed now or not).
             client = HubClient(hub.url, acme, retries=0, timeout=120)
             try:
@@ -957,9 +985,9 @@ async def test_sigkill_loses_no_acknowledged_entry(tmp_path: Path) -> None:
         f"{len(record.acked)} acknowledged, {len(leaves)} logged {entry_kinds}, {len(resent)} re-sent "
         f"after a kill ({sum(1 for _, s in resent if s == 200)} had landed)"
     )
-    assert len(kills) == SUBMISSION_KILLS
-    assert len(record.acked) >= SUBMISSION_KILLS * 3, "too little traffic to say anything"
-    if SUBMISSION_KILLS >= 5:
+    assert len(kills) == kill_count
+    assert len(record.acked) >= kill_count * 3, "too little traffic to say anything"
+    if kill_count >= 5:
         assert entry_kinds[OPINION_TYPE] and entry_kinds[MEMBERSHIP_TYPE] > 2, entry_kinds
     snapshot_kills = [what for what, _ in kills if what.startswith("snapshot")]
     assert not snapshot_kills or "snapshot" in snapshot_kills, "no kill landed on a snapshot write"
@@ -1002,7 +1030,7 @@ class World:
         """Append entries: batches (new hashes, re-adds, removals), opinions, membership changes."""
         node = self.node()
         try:
-            with closing(_connect(self.data.database)) as conn:
+            with closing(_connect(self.data)) as conn:
                 for _ in range(entries):
                     choice = rng.random()
                     if choice < 0.06:
@@ -1013,8 +1041,8 @@ class World:
                         self._batch(node, rng, conn, sizes)
         finally:
             node.store.close()
-        self.expected = replay_projection(read_log(self.data.database))
-        assert_same_projection(dump_projection(self.data.database), self.expected, "the grown store")
+        self.expected = replay_projection(read_log(self.data))
+        assert_same_projection(dump_projection(self.data), self.expected, "the grown store")
 
     def _membership(self, node: Node, rng: random.Random) -> None:
         if self.extras and rng.random() < 0.4:
@@ -1180,7 +1208,7 @@ async def test_sigkill_during_startup_load(tmp_path: Path) -> None:
                 landed = loaded_in is None and hub.times_ready() == ready_before
             # The load writes nothing to the database; the snapshot it may have half-written must not matter.
             assert fingerprint(data.database) == expected_fingerprint, f"a load changed the database ({mode})"
-            read_log(data.database)
+            read_log(data)
             check_snapshot(data)
             if mode == "snapshot-write":
                 check_index(data, tmp_path)
@@ -1326,15 +1354,13 @@ def test_sigkill_during_rebuild(tmp_path: Path) -> None:
             continue
         kills.append((killed[0], round(killed[1], 3)))
         # The replay is one transaction: killed, it leaves the projection as it was (or, committed, equal).
-        read_log(data.database)
-        assert_same_projection(
-            dump_projection(data.database), world.expected, f"after a rebuild killed {killed}"
-        )
+        read_log(data)
+        assert_same_projection(dump_projection(data), world.expected, f"after a rebuild killed {killed}")
         check_snapshot(data)
         check_index(data, tmp_path)
         done = run_rebuild(data)
         assert done.returncode == 0, done.stderr[-3000:]
-        assert_same_projection(dump_projection(data.database), world.expected, "after the next rebuild")
+        assert_same_projection(dump_projection(data), world.expected, "after the next rebuild")
     verify_store(data, tmp_path, rebuild=True, expected=world.expected)
     inside = sum(what == "in transaction" for what, _ in kills)
     print(

@@ -29,27 +29,31 @@ from federation.node import Match, Node
 from federation.signals import MD5, PDQ, SHA256
 from federation.state import ListingChange, Refusal, apply_entry, check_entry
 from federation.store import SqliteStore
+from federation.store.base import HubStore
+from federation.store.opening import open_store
 
 MAIN = "main"
 RW = frozenset({"read", "write"})
 R = frozenset({"read"})
 
 
-def hub_node(store: SqliteStore, hub: SignerKey) -> Node:
+def hub_node(store: HubStore, hub: SignerKey) -> Node:
     return Node(store, name="testhub", federation=FEDERATION, hub_key=hub.verifier, signer=hub)
 
 
 @dataclass
 class World:
     path: Path
+    database: str
+    """hub.toml's setting: "" for an SQLite file in ``path``, or a PostgreSQL URL."""
     hub: SignerKey
     keys: dict[str, SignerKey]
-    store: SqliteStore
+    store: HubStore
     node: Node
 
     def open(self) -> Node:
-        """(Re)open the node on the same SQLite file."""
-        self.store = SqliteStore(self.path)
+        """(Re)open the node on the same database."""
+        self.store = open_store(self.database, self.path)
         self.node = hub_node(self.store, self.hub)
         return self.node
 
@@ -93,7 +97,7 @@ class World:
 
 
 @pytest.fixture
-def world(tmp_path: Path) -> Iterator[World]:
+def world(tmp_path: Path, database: str) -> Iterator[World]:
     hub = SignerKey.generate("testhub")
     keys = {
         "acme": SignerKey.generate("acme"),
@@ -103,9 +107,9 @@ def world(tmp_path: Path) -> Iterator[World]:
         "outsider": SignerKey.generate("outsider"),
     }
     keys["hub"] = hub
-    store = SqliteStore(tmp_path / "hub.sqlite3")
+    store = open_store(database, tmp_path)
     node = hub_node(store, hub)
-    made = World(tmp_path / "hub.sqlite3", hub, keys, store, node)
+    made = World(tmp_path, database, hub, keys, store, node)
     node.create_collection(
         MAIN,
         [

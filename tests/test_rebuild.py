@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import sqlite3
 
 import pytest
 
@@ -16,7 +15,7 @@ from federation.node import Node
 from federation.signals import MD5, PDQ
 from federation.store.base import StoreError
 from tests.conftest import Federation
-from tests.helpers import node_lookup
+from tests.helpers import database_sql, node_lookup
 
 BRIDGE = "f8f8f0cce0f4e84d0e370a22028f67f0b36e2ed596623e1d33e6339c4e9c9b22"
 ROTATED = "b0a10efd71cc3f429413d48d0ffffe12e34e0e17ada952a9d29684210aa9e5af"
@@ -64,19 +63,19 @@ def _tamper_membership_payload(data: bytes) -> bytes:
 
 @pytest.mark.parametrize("rehash", [False, True], ids=["leaf-hash-stale", "leaf-hash-recomputed"])
 def test_rebuild_refuses_a_tampered_log(federation: Federation, rehash: bool) -> None:
-    with sqlite3.connect(federation.data.database) as conn:
-        data = conn.execute("SELECT data FROM entries WHERE idx = 1").fetchone()[0]
-        tampered = _tamper_membership_payload(data)
-        assert tampered != data
-        leaf = leaf_hash(tampered) if rehash else leaf_hash(data)
-        conn.execute("UPDATE entries SET data = ?, leaf_hash = ? WHERE idx = 1", (tampered, leaf))
+    data = bytes(database_sql(federation.data, "SELECT data FROM entries WHERE idx = 1")[0][0])
+    tampered = _tamper_membership_payload(data)
+    assert tampered != data
+    leaf = leaf_hash(tampered) if rehash else leaf_hash(data)
+    database_sql(
+        federation.data, "UPDATE entries SET data = ?, leaf_hash = ? WHERE idx = 1", (tampered, leaf)
+    )
     with pytest.raises(StoreError, match="entry 1"):
         rebuild(federation.data)
 
 
 def test_rebuild_refuses_a_damaged_interior_tree_hash(federation: Federation) -> None:
     """Proofs read interior hashes, so a damaged one must be caught even when the root is intact."""
-    with sqlite3.connect(federation.data.database) as conn:
-        conn.execute("UPDATE tree SET hash = zeroblob(32) WHERE level = 0 AND idx = 0")
+    database_sql(federation.data, "UPDATE tree SET hash = ? WHERE level = 0 AND idx = 0", (bytes(32),))
     with pytest.raises(StoreError, match=r"tree hash \(0, 0\)"):
         rebuild(federation.data)

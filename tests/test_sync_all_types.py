@@ -94,9 +94,9 @@ async def test_a_member_mirror_of_every_type_answers_as_the_hub(tmp_path: Path) 
         await hub.stop()
 
 
-async def test_a_peering_hub_of_every_type_answers_as_its_origin(tmp_path: Path) -> None:
+async def test_a_peering_hub_of_every_type_answers_as_its_origin(tmp_path: Path, database: str) -> None:
     origin = make_hub(tmp_path, "origin", {"acme": READ_WRITE, "reader": READ})
-    local = make_hub(tmp_path, "local", {"reader": READ})
+    local = make_hub(tmp_path, "local", {"reader": READ}, database)
     local.members["reader"] = origin.members["reader"]
     local.grant(origin.members["reader"], READ)
     await origin.serve()

@@ -34,8 +34,8 @@ class Interrupted(Exception):
 
 
 @pytest.fixture
-async def hub(tmp_path: Path) -> LiveHub:
-    made = make_hub(tmp_path, "hub-a", {"acme": READ_WRITE, "beta": READ_WRITE, "reader": READ})
+async def hub(tmp_path: Path, database: str) -> LiveHub:
+    made = make_hub(tmp_path, "hub-a", {"acme": READ_WRITE, "beta": READ_WRITE, "reader": READ}, database)
     await made.serve()
     yield made  # type: ignore[misc]
     await made.stop()

@@ -154,9 +154,9 @@ async def test_three_hubs_in_a_chain_and_two_mirrors_converge(tmp_path: Path) ->
             await hub.stop()
 
 
-async def test_a_broken_peer_never_slows_lookups_and_sync_resumes(tmp_path: Path) -> None:
+async def test_a_broken_peer_never_slows_lookups_and_sync_resumes(tmp_path: Path, database: str) -> None:
     origin = make_hub(tmp_path, "origin", {"acme": READ_WRITE})
-    local = make_hub(tmp_path, "local", {"reader": READ})
+    local = make_hub(tmp_path, "local", {"reader": READ}, database)
     await origin.serve()
     proxy = await Proxy(origin.url).start()
     await origin.submit("acme", H[:2])
@@ -203,11 +203,11 @@ async def test_a_broken_peer_never_slows_lookups_and_sync_resumes(tmp_path: Path
 
 
 async def test_a_peering_hub_catches_a_fork_and_keeps_what_it_verified(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, database: str
 ) -> None:
     caplog.set_level(logging.INFO, logger="hashfed.sync")
     origin = make_hub(tmp_path, "origin", {"acme": READ_WRITE})
-    local = make_hub(tmp_path, "local", {"reader": READ})
+    local = make_hub(tmp_path, "local", {"reader": READ}, database)
     forked = clone_hub(origin, tmp_path, "forked")
     await origin.serve()
     await forked.serve()

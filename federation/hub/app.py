@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -101,9 +102,9 @@ def create_app(
     """
     from .routes import add_routes
 
-    runtime = HubRuntime(
-        node, config, guard=guard if guard is not None else RequestGuard(rate_limiter(config))
-    )
+    if node.store.shared:  # replicas on PostgreSQL: any of them may append at any time
+        node.indexes.external_poll = 0.0
+    runtime = HubRuntime(node, config, guard=guard if guard is not None else default_guard(node, config))
     # Limits (docs/operations.md): answers sent under a deadline; bodies read
     # only once their headers pass, against a deadline; then admission and
     # rate-limit answers; problem_middleware renders whatever they refuse.
@@ -143,12 +144,22 @@ def create_app(
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         loader = asyncio.create_task(_load(runtime))
+        following = threading.Event()
+        if node.store.shared:
+            from ..store.postgres import PostgresStore
+            from .replicas import follow_replicas
+
+            assert isinstance(node.store, PostgresStore)
+            follower = follow_replicas(node, node.store, following)
         retrier = asyncio.create_task(_retry_snapshots(runtime))
         if runtime.peering is not None:
             await runtime.peering.start()
         yield
         loader.cancel()
         retrier.cancel()
+        following.set()
+        if node.store.shared:
+            await asyncio.get_running_loop().run_in_executor(None, follower.join)
         if runtime.peering is not None:
             await runtime.peering.stop()
         if runtime.ready:  # failures are logged: a snapshot is an optimisation, never a reason to fail
@@ -159,6 +170,17 @@ def create_app(
 
     app.cleanup_ctx.append(lifecycle)
     return app
+
+
+def default_guard(node: Node, config: HubConfig) -> Guard:
+    """This process's own replay memory and rate limits, or, for replicas on PostgreSQL, the database's."""
+    if node.store.shared:
+        from ..store.postgres import PostgresStore
+        from .replicas import DatabaseReplayGuard
+
+        assert isinstance(node.store, PostgresStore)
+        return DatabaseReplayGuard(node.store, rate_limiter(config))
+    return RequestGuard(rate_limiter(config))
 
 
 async def _authenticate_headers(request: web.Request) -> None:

@@ -6,7 +6,6 @@ import asyncio
 import logging
 import os
 import signal
-import sqlite3
 import ssl
 import sys
 
@@ -16,7 +15,8 @@ from ..config import ConfigError, DataDir, HubConfig
 from ..console.access import ConsoleAccess
 from ..dirlock import DirectoryLock
 from ..node import Node
-from ..store.sqlite import SqliteStore
+from ..store.base import StoreError
+from ..store.opening import open_store
 from ..store.storage_faults import free_bytes, is_read_only
 from ..tls import server_context
 from .app import create_app
@@ -31,9 +31,21 @@ def open_node(data: DataDir, *, searchable: bool = True) -> Node:
     config = data.config()
     signer = data.signer()
     try:
-        store = SqliteStore(data.database, min_free_bytes=config.min_free_bytes)
-    except sqlite3.Error as exc:
-        raise ConfigError(f"cannot open the hub's database {data.database}: {exc}") from exc
+        store = open_store(
+            config.database,
+            data.path,
+            min_free_bytes=config.min_free_bytes,
+            pool_size=config.database_pool_size,
+        )
+        owner = store.owner()
+    except StoreError as exc:
+        raise ConfigError(str(exc)) from exc
+    if owner is not None and owner != config.name:
+        store.close()
+        raise ConfigError(
+            f"the database hub.toml names holds hub {owner}'s log, not {config.name}'s: "
+            "fix `database` in hub.toml; nothing was changed"
+        )
     return Node(
         store,
         name=config.name,

@@ -1,14 +1,12 @@
-"""The SQLite store's mirrored-collection tables, ``sources`` and ``evidence`` (federation.sync).
+"""The mirrored-collection tables, ``sources`` and ``evidence`` (federation.sync), in both stores.
 
-Plain functions over a connection. Transactions and the per-thread read
-cache stay with :class:`~.sqlite.SqliteStore`, which calls these inside them.
+Plain functions over a connection; transactions stay with the store, which calls these inside them.
 """
 
 from __future__ import annotations
 
-import sqlite3
-
 from .base import SourceRecord, StoreError
+from .sql_txn import Connection
 
 _SOURCE_COLUMNS = "name, hub, origin_collection, key, federation, url, checkpoint, target, forked"
 
@@ -18,18 +16,18 @@ def _source_record(row: tuple[str, str, str, str, str, str, str | None, str | No
     return SourceRecord(name, hub, collection, key, federation, url, checkpoint, target, bool(forked))
 
 
-def read_sources(conn: sqlite3.Connection) -> list[SourceRecord]:
+def read_sources(conn: Connection) -> list[SourceRecord]:
     """Every source, by name."""
     rows = conn.execute(f"SELECT {_SOURCE_COLUMNS} FROM sources ORDER BY name").fetchall()
     return [_source_record(row) for row in rows]
 
 
-def read_source(conn: sqlite3.Connection, name: str) -> SourceRecord | None:
+def read_source(conn: Connection, name: str) -> SourceRecord | None:
     row = conn.execute(f"SELECT {_SOURCE_COLUMNS} FROM sources WHERE name = ?", (name,)).fetchone()
     return _source_record(row) if row else None
 
 
-def record_source(conn: sqlite3.Connection, record: SourceRecord) -> int:
+def record_source(conn: Connection, record: SourceRecord) -> int:
     """Within a write transaction: create or update ``record``'s source row; return its log size.
 
     The first call for a source creates its collection too. A source already
@@ -66,7 +64,7 @@ def record_source(conn: sqlite3.Connection, record: SourceRecord) -> int:
     return int(conn.execute("SELECT size FROM collections WHERE name = ?", (record.name,)).fetchone()[0])
 
 
-def record_evidence(conn: sqlite3.Connection, name: str, detected: str, body: str) -> None:
+def record_evidence(conn: Connection, name: str, detected: str, body: str) -> None:
     """Within a write transaction: keep fork evidence for a source and mark it stopped."""
     updated = conn.execute("UPDATE sources SET forked = 1 WHERE name = ?", (name,)).rowcount
     if not updated:
@@ -74,12 +72,12 @@ def record_evidence(conn: sqlite3.Connection, name: str, detected: str, body: st
     conn.execute("INSERT INTO evidence (source, detected, body) VALUES (?, ?, ?)", (name, detected, body))
 
 
-def read_evidence(conn: sqlite3.Connection, name: str) -> list[str]:
+def read_evidence(conn: Connection, name: str) -> list[str]:
     rows = conn.execute("SELECT body FROM evidence WHERE source = ? ORDER BY id", (name,))
     return [str(row[0]) for row in rows]
 
 
-def resume_source(conn: sqlite3.Connection, name: str) -> bool:
+def resume_source(conn: Connection, name: str) -> bool:
     """Within a write transaction: let a stopped source sync again; False if it was not stopped.
 
     The evidence stays: it is the record of what was seen and investigated.

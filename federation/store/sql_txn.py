@@ -1,10 +1,14 @@
-"""SQLite write transactions on one collection, and the row readers they share with the store."""
+"""Write transactions on one collection, and the row readers they share with the stores.
+
+The SQL here is the subset SQLite and PostgreSQL agree on, written with
+``?`` placeholders (:class:`~.postgres.PostgresStore` hands psycopg ``%s``).
+"""
 
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Iterator, Sequence
+from typing import Any, Protocol
 
 from ..keys import VerifierKey
 from ..merkle import HashKey, append_keys, hashes_to_store, leaf_hash
@@ -12,7 +16,24 @@ from ..state import HubKeyRecord, KeyRecord, ListingChange
 from .base import EntryRecord, StoreError
 
 
-def read_tree(conn: sqlite3.Connection, collection: str, keys: Sequence[HashKey]) -> list[bytes]:
+class Cursor(Protocol):
+    """What the stores read from a statement (sqlite3's and psycopg's cursors both fit)."""
+
+    @property
+    def rowcount(self) -> int: ...
+    def fetchone(self) -> Any: ...
+    def fetchall(self) -> list[Any]: ...
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+class Connection(Protocol):
+    """A database connection with ``?`` placeholders, inside a transaction the store opened."""
+
+    def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> Cursor: ...
+    def executemany(self, sql: str, parameters: Sequence[Sequence[Any]], /) -> Any: ...
+
+
+def read_tree(conn: Connection, collection: str, keys: Sequence[HashKey]) -> list[bytes]:
     """One query for a batch of stored subtree hashes."""
     found: dict[HashKey, bytes] = {}
     unique = list(dict.fromkeys(keys))
@@ -45,7 +66,7 @@ def key_record_from_row(
     return KeyRecord(key, frozenset(json.loads(rights)), granted, revoked)
 
 
-def read_hub_keys(conn: sqlite3.Connection, collection: str) -> list[HubKeyRecord]:
+def read_hub_keys(conn: Connection, collection: str) -> list[HubKeyRecord]:
     rows = conn.execute(
         "SELECT key, idx, previous, previous_until FROM hub_keys WHERE collection = ? ORDER BY idx",
         (collection,),
@@ -56,20 +77,73 @@ def read_hub_keys(conn: sqlite3.Connection, collection: str) -> list[HubKeyRecor
     ]
 
 
-class SqliteTxn:
-    """A write transaction on one collection (implements ``CollectionTxn``)."""
+def in_chunks(hashes: Sequence[str], size: int = 500) -> Iterator[tuple[list[str], str]]:
+    """The distinct hashes in chunks small enough for one ``IN (?, …)``, each with its placeholders."""
+    unique = list(dict.fromkeys(hashes))
+    for start in range(0, len(unique), size):
+        chunk = unique[start : start + size]
+        yield chunk, ",".join("?" * len(chunk))
 
-    def __init__(self, conn: sqlite3.Connection, collection: str, size: int) -> None:
+
+class SqlTxn:
+    """A write transaction on one collection (implements ``CollectionTxn``).
+
+    Writes are queued and sent in runs (``executemany``) before the next
+    read and when the transaction ends (:meth:`flush`), and
+    :meth:`read_ahead` loads who lists the hashes an entry touches in a few
+    queries: a batch of 100,000 items then costs a handful of round trips to
+    PostgreSQL rather than 300,000, and SQLite saves its per-statement cost.
+    """
+
+    def __init__(self, conn: Connection, collection: str, size: int) -> None:
         self._conn = conn
         self._collection = collection
         self._size = size
         self._ordinal = 0
+        self._pending: list[tuple[str, list[Sequence[Any]]]] = []
+        self._listers: dict[tuple[str, str], set[str]] = {}
+        """Members listing each (type, hash) read ahead, kept current by this transaction's writes."""
+
+    def _write(self, sql: str, parameters: Sequence[Any]) -> None:
+        if self._pending and self._pending[-1][0] == sql:
+            self._pending[-1][1].append(parameters)
+        else:
+            self._pending.append((sql, [parameters]))
+
+    def flush(self) -> None:
+        """Send the queued writes, in order (before a read, and before the transaction commits)."""
+        pending, self._pending = self._pending, []
+        for sql, rows in pending:
+            if len(rows) == 1:
+                self._conn.execute(sql, rows[0])
+            else:
+                self._conn.executemany(sql, rows)
+
+    def _read(self) -> Connection:
+        self.flush()
+        return self._conn
+
+    def read_ahead(self, keys: Sequence[tuple[str, str]]) -> None:
+        by_signal: dict[str, list[str]] = {}
+        for signal, hash_hex in keys:
+            if (signal, hash_hex) not in self._listers:
+                self._listers[(signal, hash_hex)] = set()
+                by_signal.setdefault(signal, []).append(hash_hex)
+        conn = self._read()
+        for signal, hashes in by_signal.items():
+            for chunk, marks in in_chunks(hashes):
+                rows = conn.execute(
+                    f"SELECT hash, member FROM listings WHERE collection = ? AND type = ? AND hash IN ({marks})",
+                    (self._collection, signal, *chunk),
+                )
+                for hash_hex, member in rows:
+                    self._listers[(signal, hash_hex)].add(member)
 
     def log_size(self) -> int:
         return self._size
 
     def read_hashes(self, keys: Sequence[HashKey]) -> list[bytes]:
-        return read_tree(self._conn, self._collection, keys)
+        return read_tree(self._read(), self._collection, keys)
 
     def append(self, data: bytes) -> EntryRecord:
         index = self._size
@@ -98,10 +172,14 @@ class SqliteTxn:
     def logged_entries(self, batch: int = 1000) -> Iterator[EntryRecord]:
         position = 0
         while True:
-            rows = self._conn.execute(
-                "SELECT idx, leaf_hash, data FROM entries WHERE collection = ? AND idx >= ? ORDER BY idx LIMIT ?",
-                (self._collection, position, batch),
-            ).fetchall()
+            rows = (
+                self._read()
+                .execute(
+                    "SELECT idx, leaf_hash, data FROM entries WHERE collection = ? AND idx >= ? ORDER BY idx LIMIT ?",
+                    (self._collection, position, batch),
+                )
+                .fetchall()
+            )
             if not rows:
                 return
             for index, leaf, data in rows:
@@ -109,37 +187,57 @@ class SqliteTxn:
             position = int(rows[-1][0]) + 1
 
     def key_record(self, key_id: str) -> KeyRecord | None:
-        row = self._conn.execute(
-            "SELECT key, rights, granted, revoked FROM keys WHERE collection = ? AND key_id = ?",
-            (self._collection, key_id),
-        ).fetchone()
+        row = (
+            self._read()
+            .execute(
+                "SELECT key, rights, granted, revoked FROM keys WHERE collection = ? AND key_id = ?",
+                (self._collection, key_id),
+            )
+            .fetchone()
+        )
         return key_record_from_row(row) if row else None
 
     def last_seq(self, key_id: str) -> int:
-        row = self._conn.execute(
-            "SELECT seq FROM seqs WHERE collection = ? AND key_id = ?", (self._collection, key_id)
-        ).fetchone()
+        row = (
+            self._read()
+            .execute("SELECT seq FROM seqs WHERE collection = ? AND key_id = ?", (self._collection, key_id))
+            .fetchone()
+        )
         return int(row[0]) if row else 0
 
     def lists(self, signal: str, hash_hex: str, member: str) -> bool:
-        row = self._conn.execute(
-            "SELECT 1 FROM listings WHERE collection = ? AND type = ? AND hash = ? AND member = ?",
-            (self._collection, signal, hash_hex, member),
-        ).fetchone()
+        known = self._listers.get((signal, hash_hex))
+        if known is not None:
+            return member in known
+        row = (
+            self._read()
+            .execute(
+                "SELECT 1 FROM listings WHERE collection = ? AND type = ? AND hash = ? AND member = ?",
+                (self._collection, signal, hash_hex, member),
+            )
+            .fetchone()
+        )
         return row is not None
 
     def listers(self, signal: str, hash_hex: str) -> int:
-        row = self._conn.execute(
-            "SELECT count(*) FROM listings WHERE collection = ? AND type = ? AND hash = ?",
-            (self._collection, signal, hash_hex),
-        ).fetchone()
+        known = self._listers.get((signal, hash_hex))
+        if known is not None:
+            return len(known)
+        row = (
+            self._read()
+            .execute(
+                "SELECT count(*) FROM listings WHERE collection = ? AND type = ? AND hash = ?",
+                (self._collection, signal, hash_hex),
+            )
+            .fetchone()
+        )
         return int(row[0])
 
     def hub_keys(self) -> list[HubKeyRecord]:
-        return read_hub_keys(self._conn, self._collection)
+        return read_hub_keys(self._read(), self._collection)
 
     def put_hub_key(self, record: HubKeyRecord) -> None:
-        self._conn.execute(
+        self._write(
             "INSERT INTO hub_keys (collection, idx, key, previous, previous_until) VALUES (?, ?, ?, ?, ?)",
             (
                 self._collection,
@@ -151,7 +249,7 @@ class SqliteTxn:
         )
 
     def put_key(self, record: KeyRecord) -> None:
-        self._conn.execute(
+        self._write(
             "INSERT INTO keys (collection, key_id, key, rights, granted, revoked) VALUES (?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (collection, key_id) DO UPDATE SET rights = excluded.rights, granted = excluded.granted, revoked = excluded.revoked",
             (
@@ -165,7 +263,7 @@ class SqliteTxn:
         )
 
     def set_last_seq(self, key_id: str, seq: int) -> None:
-        self._conn.execute(
+        self._write(
             "INSERT INTO seqs (collection, key_id, seq) VALUES (?, ?, ?) "
             "ON CONFLICT (collection, key_id) DO UPDATE SET seq = excluded.seq",
             (self._collection, key_id, seq),
@@ -180,42 +278,48 @@ class SqliteTxn:
         quality: int | None,
         index: int,
     ) -> None:
-        self._conn.execute(
+        self._write(
             "INSERT INTO listings (collection, type, hash, member, labels, quality, since) VALUES (?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (collection, type, hash, member) DO UPDATE SET labels = excluded.labels, quality = excluded.quality",
             (self._collection, signal, hash_hex, member, json.dumps(list(labels)), quality, index),
         )
+        known = self._listers.get((signal, hash_hex))
+        if known is not None:
+            known.add(member)
 
     def delete_listing(self, signal: str, hash_hex: str, member: str) -> None:
-        self._conn.execute(
+        self._write(
             "DELETE FROM listings WHERE collection = ? AND type = ? AND hash = ? AND member = ?",
             (self._collection, signal, hash_hex, member),
         )
+        known = self._listers.get((signal, hash_hex))
+        if known is not None:
+            known.discard(member)
 
     def put_opinion(
         self, signal: str, hash_hex: str, member: str, verdict: str, note: str | None, index: int
     ) -> None:
-        self._conn.execute(
+        self._write(
             "INSERT INTO opinions (collection, type, hash, member, verdict, note, idx) VALUES (?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (collection, type, hash, member) DO UPDATE SET verdict = excluded.verdict, note = excluded.note, idx = excluded.idx",
             (self._collection, signal, hash_hex, member, verdict, note, index),
         )
 
     def delete_opinion(self, signal: str, hash_hex: str, member: str) -> None:
-        self._conn.execute(
+        self._write(
             "DELETE FROM opinions WHERE collection = ? AND type = ? AND hash = ? AND member = ?",
             (self._collection, signal, hash_hex, member),
         )
 
     def put_content(self, signal: str, hash_hex: str, content: bytes) -> None:
         # A hash's content follows from the hash itself (a vPDQ identity digests its frames).
-        self._conn.execute(
-            "INSERT OR IGNORE INTO contents (collection, type, hash, content) VALUES (?, ?, ?, ?)",
+        self._write(
+            "INSERT INTO contents (collection, type, hash, content) VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
             (self._collection, signal, hash_hex, content),
         )
 
     def record_change(self, change: ListingChange) -> None:
-        self._conn.execute(
+        self._write(
             "INSERT INTO changes (collection, idx, ordinal, type, hash, listed) VALUES (?, ?, ?, ?, ?, ?)",
             (
                 self._collection,

@@ -1,0 +1,205 @@
+"""PostgreSQL storage: one log shared by hub replicas on several machines.
+
+The queries are :mod:`.sql_store`'s, shared with SQLite. What differs:
+
+- Connections come from a psycopg pool (psycopg 3 is synchronous, like the
+  core; the hub calls the store from worker threads, never the event loop).
+- A write locks its collection's row (``SELECT … FOR UPDATE``) and reads the
+  log size there: log indexes are assigned inside the append transaction,
+  one after another, whichever replica appends. No sequence is used, since
+  a sequence leaves gaps when a transaction rolls back.
+- Every write transaction sends ``NOTIFY hashfed_log`` with the collection's
+  name when it commits; :meth:`PostgresStore.watch` wakes the other replicas
+  with it (they also poll, in case a notification is lost).
+- The schema is kept by numbered migrations (:mod:`.postgres_schema`),
+  applied when a store opens.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from .base import StorageUnavailable, StoreError
+from .opening import redact
+from .postgres_schema import migrate
+from .sql_store import SqlStore
+from .sql_txn import Connection, Cursor
+
+log = logging.getLogger("hashfed.store")
+
+CHANNEL = "hashfed_log"
+"""The notification channel every write transaction notifies, with the collection's name."""
+DEFAULT_POOL_SIZE = 8
+
+
+def _placeholders(sql: str) -> str:
+    """The shared SQL's ``?`` placeholders as psycopg's ``%s`` (a literal ``%`` doubled)."""
+    return sql.replace("%", "%%").replace("?", "%s")
+
+
+class _PgConnection:
+    """A psycopg connection that takes the shared SQL's ``?`` placeholders (implements ``Connection``)."""
+
+    def __init__(self, conn: psycopg.Connection[Any], translated: dict[str, str]) -> None:
+        self._conn = conn
+        self._translated = translated
+
+    def _sql(self, sql: str) -> str:
+        text = self._translated.get(sql)
+        if text is None:
+            text = self._translated[sql] = _placeholders(sql)
+        return text
+
+    def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> Cursor:
+        return self._conn.execute(self._sql(sql), parameters)
+
+    def executemany(self, sql: str, parameters: Sequence[Sequence[Any]], /) -> None:
+        with self._conn.cursor() as cursor:
+            cursor.executemany(self._sql(sql), parameters)
+
+
+def storage_fault(exc: BaseException, url: str) -> StorageUnavailable | None:
+    """The :class:`StorageUnavailable` a PostgreSQL error stands for, or None if it is not about storage."""
+    where = redact(url)
+    if isinstance(exc, pg_errors.DiskFull):
+        return StorageUnavailable(
+            "full", f"the database server's disk is full ({where}); nothing was written"
+        )
+    if isinstance(exc, pg_errors.ReadOnlySqlTransaction):
+        return StorageUnavailable(
+            "read-only", f"the database ({where}) takes no writes (a standby?); nothing was written"
+        )
+    if isinstance(exc, PoolTimeout | psycopg.OperationalError):
+        return StorageUnavailable(
+            "io-error", f"the database server cannot be reached ({where}: {exc}); nothing was written"
+        )
+    return None
+
+
+def _connect_pool(url: str, size: int) -> ConnectionPool[Any]:
+    pool: ConnectionPool[Any] = ConnectionPool(
+        url, min_size=1, max_size=size, kwargs={"autocommit": True}, name="hashfed", open=False
+    )
+    try:
+        pool.open(wait=True, timeout=10.0)
+    except PoolTimeout as exc:
+        pool.close()
+        raise StoreError(f"cannot connect to the database {redact(url)}: {exc}") from exc
+    return pool
+
+
+class PostgresStore(SqlStore):
+    """The hub's storage in a PostgreSQL database (implements ``HubStore``)."""
+
+    shared = True
+
+    def __init__(self, url: str, *, pool_size: int = DEFAULT_POOL_SIZE) -> None:
+        super().__init__()
+        self.url = url
+        self._translated: dict[str, str] = {}
+        self._pool = _connect_pool(url, pool_size)
+        try:
+            with self._pool.connection() as conn:
+                for migration in migrate(conn):
+                    log.info(
+                        "database %s: applied migration %d (%s)",
+                        redact(url),
+                        migration.version,
+                        migration.name,
+                    )
+        except BaseException:
+            self._pool.close()
+            raise
+
+    def close(self) -> None:
+        self._pool.close()
+
+    @contextmanager
+    def _connection(self) -> Iterator[Connection]:
+        with self._pool.connection() as conn:
+            yield _PgConnection(conn, self._translated)
+
+    @contextmanager
+    def _snapshot(self) -> Iterator[Connection]:
+        with self._pool.connection() as conn:
+            conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            try:
+                yield _PgConnection(conn, self._translated)
+            finally:
+                conn.execute("ROLLBACK")
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Connection]:
+        """A write transaction; a full, read-only or unreachable database raises :class:`StorageUnavailable`."""
+        try:
+            with self._pool.connection() as conn, conn.transaction():
+                yield _PgConnection(conn, self._translated)
+        except (psycopg.Error, PoolTimeout) as exc:
+            fault = storage_fault(exc, self.url)
+            if fault is None:
+                raise
+            raise fault from exc
+
+    def _lock_collection(self, conn: Connection, collection: str) -> int | None:
+        """Lock the collection's row until the transaction ends: appends to it wait in turn."""
+        row = conn.execute("SELECT size FROM collections WHERE name = ? FOR UPDATE", (collection,)).fetchone()
+        return None if row is None else int(row[0])
+
+    def _written(self, conn: Connection, collection: str) -> None:
+        conn.execute("SELECT pg_notify(?, ?)", (CHANNEL, collection))
+
+    # ---- replicas --------------------------------------------------------------
+
+    def watch(self, changed: Callable[[str | None], None], stop: threading.Event, poll: float = 1.0) -> None:
+        """Call ``changed(collection)`` when another process commits to it, until ``stop`` is set.
+
+        Blocks: run it in a thread. ``changed(None)`` comes every ``poll``
+        seconds without news, and after the listening connection was lost
+        and made again (notifications sent meanwhile are lost): then the
+        caller checks every collection.
+        """
+        while not stop.is_set():
+            try:
+                with psycopg.connect(self.url, autocommit=True) as conn:
+                    conn.execute(f"LISTEN {CHANNEL}")
+                    changed(None)
+                    while not stop.is_set():
+                        names = sorted({note.payload for note in conn.notifies(timeout=poll, stop_after=1)})
+                        if not names:
+                            changed(None)
+                        for name in names:
+                            changed(name)
+            except psycopg.Error as exc:
+                log.warning("lost the database's notifications (%s); listening again in 1 s", exc)
+                stop.wait(1.0)
+
+    # ---- replay protection across replicas -----------------------------------
+
+    def first_use(self, signature: bytes, now: int, expires: int) -> int | None:
+        """Record a request signature until ``expires``; None if new, else the expiry it was seen with.
+
+        One statement, atomic across replicas: of two replicas given the same
+        signature at once, exactly one gets None.
+        """
+        with self._connection() as conn:
+            row = conn.execute(
+                "INSERT INTO seen_signatures (signature, expires) VALUES (?, ?) ON CONFLICT (signature) "
+                "DO UPDATE SET expires = excluded.expires WHERE seen_signatures.expires < ? RETURNING expires",
+                (signature, expires, now),
+            ).fetchone()
+            if row is not None:
+                if signature[0] == 0:  # about one new signature in 256 forgets the expired ones
+                    conn.execute("DELETE FROM seen_signatures WHERE expires < ?", (now,))
+                return None
+            row = conn.execute(
+                "SELECT expires FROM seen_signatures WHERE signature = ?", (signature,)
+            ).fetchone()
+        return int(row[0]) if row is not None else now

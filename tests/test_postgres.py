@@ -1,0 +1,141 @@
+"""The PostgreSQL store's own behaviour: init, whose database it is, migrations, and moving a hub to it.
+
+Against a real PostgreSQL server (see :mod:`tests.postgres_server`); the
+storage, API, sync and crash tests run on it too, through the ``database``
+fixture.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from federation.admin import init_hub
+from federation.config import ConfigError, DataDir
+from federation.hub import open_node
+from federation.signals import MD5, PDQ
+from federation.store.base import StoreError
+from federation.store.postgres import PostgresStore
+from federation.store.postgres_schema import LATEST
+from tests.faults import hashfed, start_hashfed, wait_exit
+from tests.helpers import batch_doc, envelope, item, md5, node_lookup, opinion_doc, pdq
+from tests.postgres_server import PostgresServer
+from tests.sync_helpers import COLLECTION, READ, READ_WRITE, make_hub
+
+
+@pytest.fixture
+def empty_database(postgres_server: PostgresServer) -> Iterator[str]:
+    with postgres_server.fresh_database() as url:
+        yield url
+
+
+def test_init_refuses_a_database_that_holds_another_hubs_log(tmp_path: Path, empty_database: str) -> None:
+    init_hub(tmp_path / "first", name="first", federation="fed", collection="main", database=empty_database)
+    with pytest.raises(ConfigError, match="belongs to hub first") as refused:
+        init_hub(
+            tmp_path / "second", name="second", federation="fed", collection="main", database=empty_database
+        )
+    assert "copy its data directory instead" in str(refused.value)
+    assert not (tmp_path / "second").exists()  # nothing was made
+
+
+def test_a_data_directory_naming_another_hubs_database_is_refused(
+    tmp_path: Path, empty_database: str
+) -> None:
+    init_hub(tmp_path / "first", name="first", federation="fed", collection="main", database=empty_database)
+    init_hub(tmp_path / "second", name="second", federation="fed", collection="main")
+    other = DataDir(tmp_path / "second")
+    other.config_file.write_text(
+        other.config_file.read_text().replace('database = ""', f'database = "{empty_database}"')
+    )
+    with pytest.raises(ConfigError, match="holds hub first's log, not second's"):
+        open_node(other)
+
+
+def test_migrations_run_once_and_a_newer_schema_is_refused(empty_database: str) -> None:
+    PostgresStore(empty_database).close()
+    PostgresStore(empty_database).close()  # a second open applies nothing again
+    with psycopg.connect(empty_database, autocommit=True) as conn:
+        versions = [row[0] for row in conn.execute("SELECT version FROM schema_migrations ORDER BY version")]
+        assert versions == list(range(1, LATEST + 1))
+        conn.execute(
+            "INSERT INTO schema_migrations (version, name) VALUES (%s, 'from the future')", (LATEST + 1,)
+        )
+    with pytest.raises(StoreError, match=f"newer than this hashfed knows \\(version {LATEST}\\)"):
+        PostgresStore(empty_database)
+
+
+def test_an_unreachable_database_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(
+        ConfigError, match=r"cannot connect to the database postgresql://hashfed:\*\*\*@127.0.0.1:9/"
+    ):
+        init_hub(
+            tmp_path / "hub",
+            name="h",
+            federation="f",
+            collection="main",
+            database="postgresql://hashfed:secret@127.0.0.1:9/x",
+        )
+
+
+def test_migrate_store_moves_a_hub_to_postgresql_with_the_same_log_roots_and_answers(
+    tmp_path: Path, empty_database: str
+) -> None:
+    hub = make_hub(tmp_path, "hub-m", {"acme": READ_WRITE, "beta": READ_WRITE, "reader": READ})
+    node = open_node(hub.data)
+    acme, beta = hub.members["acme"], hub.members["beta"]
+    node.submit(
+        COLLECTION, envelope(acme, batch_doc("acme", [item("pdq", pdq(n), ["a"]) for n in range(40)]))
+    )
+    node.submit(COLLECTION, envelope(beta, batch_doc("beta", [item("pdq", pdq(3)), item("md5", md5(1))])))
+    node.submit(COLLECTION, envelope(acme, batch_doc("acme", remove=[("pdq", pdq(5))])))
+    node.submit(COLLECTION, envelope(beta, opinion_doc("beta", [("pdq", pdq(7), "negative")])))
+    queries = [(PDQ, pdq(n)) for n in range(0, 40, 3)] + [(MD5, md5(1))]
+    answers = node_lookup(node, [COLLECTION], queries, 31)
+    note = node.checkpoint(COLLECTION)
+    size = node.store.log_size(COLLECTION)
+    node.store.close()
+
+    serving = start_hashfed("serve", str(hub.data.path), "--port", "0", log=tmp_path / "serve.log")
+    try:
+        for _ in range(600):
+            if "serving on" in (tmp_path / "serve.log").read_text():
+                break
+            assert serving.poll() is None, (tmp_path / "serve.log").read_text()
+            time.sleep(0.05)
+        refused = hashfed("migrate-store", str(hub.data.path), "--to", empty_database)
+        assert refused.returncode != 0 and "is already serving" in refused.stderr, refused
+    finally:
+        serving.terminate()
+        assert wait_exit(serving, 30) == 0
+
+    moved = hashfed("migrate-store", str(hub.data.path), "--to", empty_database)
+    assert moved.returncode == 0, moved.stderr
+    assert f"main: {size:,} entries" in moved.stdout and "(checked)" in moved.stdout
+    assert hub.data.config().database == empty_database
+    assert hub.data.database.exists()  # the SQLite file is kept
+
+    node = open_node(hub.data)
+    try:
+        assert isinstance(node.store, PostgresStore)
+        assert node.store.log_size(COLLECTION) == size
+        assert node.checkpoint(COLLECTION) == note  # the same root, and the signed record still extends
+        node.load()
+        assert node_lookup(node, [COLLECTION], queries, 31) == answers
+    finally:
+        node.store.close()
+
+    again = hashfed("migrate-store", str(hub.data.path), "--to", empty_database)
+    assert again.returncode != 0 and "already keeps its log in PostgreSQL" in again.stderr
+
+
+def test_migrate_store_refuses_a_database_that_is_not_empty(tmp_path: Path, empty_database: str) -> None:
+    init_hub(tmp_path / "other", name="other", federation="fed", collection="main", database=empty_database)
+    hub = make_hub(tmp_path, "hub-m", {"acme": READ_WRITE})
+    refused = hashfed("migrate-store", str(hub.data.path), "--to", empty_database)
+    assert refused.returncode != 0 and "already holds collections" in refused.stderr, refused.stderr
+    assert hub.data.config().database == ""  # hub.toml still names the SQLite file
