@@ -77,7 +77,10 @@ async def wait_ready(replica: Replica) -> None:
 async def replicas(tmp_path: Path, postgres_database: str) -> AsyncIterator[Replicas]:
     """One hub made with ``hashfed init --db``, its data directory copied once per replica, each served."""
     hub = make_hub(
-        tmp_path, "hub-r", {"acme": READ_WRITE, "beta": READ_WRITE, "reader": READ}, postgres_database
+        tmp_path,
+        "hub-r",
+        {"acme": READ_WRITE, "beta": READ_WRITE, "gamma": READ_WRITE, "reader": READ},
+        postgres_database,
     )
     running: list[Replica] = []
     for number in range(REPLICAS):
@@ -131,7 +134,7 @@ async def test_concurrent_submitters_on_every_replica_leave_one_log_that_every_r
                     missed.append(f"entry {index} acknowledged by replica {at}, not seen by replica {other}")
         return acknowledged
 
-    done = await asyncio.gather(submitter("acme", 1), submitter("beta", 2), submitter("acme", 3))
+    done = await asyncio.gather(submitter("acme", 1), submitter("beta", 2), submitter("gamma", 3))
     assert not missed, missed
     indexes = sorted(index for acknowledged in done for index, _ in acknowledged)
     assert indexes == list(range(2, 2 + 36))  # after the two membership entries: no gap, no duplicate
@@ -173,11 +176,13 @@ async def test_a_killed_replica_loses_nothing_acknowledged_and_the_others_keep_s
     acknowledged: list[str] = []
     by_replica = [0] * REPLICAS
 
-    async def writer(at: int, offset: int) -> None:
+    async def writer(at: int, member: str, offset: int) -> None:
+        # One member per writer: seqs come from each writer's clock, so two concurrent writers
+        # signing as one member could reach the log out of seq order (409 stale-seq).
         for number in range(25):
             code = pdq(offset + number)
             try:
-                async with replicas.client("acme", at) as client:
+                async with replicas.client(member, at) as client:
                     await client.submit(COLLECTION, [Addition("pdq", code)])
             except Exception:  # only requests to the killed replica may fail, and none was acknowledged
                 assert at == 0
@@ -189,7 +194,9 @@ async def test_a_killed_replica_loses_nothing_acknowledged_and_the_others_keep_s
         await asyncio.sleep(0.3)
         victim.proc.send_signal(signal.SIGKILL)
 
-    await asyncio.gather(writer(0, 10_000), writer(1, 20_000), writer(2, 30_000), killer())
+    await asyncio.gather(
+        writer(0, "acme", 10_000), writer(1, "beta", 20_000), writer(2, "gamma", 30_000), killer()
+    )
     assert victim.proc.wait(10) == -signal.SIGKILL
     assert by_replica[1] == by_replica[2] == 25, by_replica  # the survivors never failed a write
     for survivor in (1, 2):
