@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import textwrap
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
@@ -275,3 +277,35 @@ HELP: dict[str, tuple[str, str, str]] = {
         "hashfed demo\nhashfed demo --help",
     ),
 }
+
+
+class UsageError(Exception):
+    """A command line or input that cannot be used (exit status 2)."""
+
+
+def command(sub: Any, name: str) -> argparse.ArgumentParser:
+    """A subcommand with its summary, description and examples from :data:`HELP`."""
+    summary, description, examples = HELP[name]
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name.split()[-1],
+        help=summary,
+        description=textwrap.fill(description, 78),
+        epilog="examples:\n" + "\n".join(f"  {line}" for line in examples.splitlines()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    return parser
+
+
+def int_in(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from ``low`` to ``high``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is not between {low:,} and {high:,}")
+        return value
+
+    return parse

@@ -227,7 +227,9 @@ def check_entry(envelope: Envelope, payload: Payload, context: LogContext, view:
             "it re-signs above the last accepted seq by itself)",
         )
     if isinstance(payload, BatchPayload):
-        view.read_ahead(_batch_keys(payload))
+        view.read_ahead(
+            [(a.signal, a.hash) for a in payload.add] + [(r.signal, r.hash) for r in payload.remove]
+        )
         for removal in payload.remove:
             if not view.lists(removal.signal, removal.hash, payload.member):
                 raise Refusal(
@@ -275,10 +277,6 @@ def check_rotation(payload: HubKeyPayload, context: LogContext, view: Projection
         )
 
 
-def _batch_keys(payload: BatchPayload) -> list[tuple[str, str]]:
-    return [(a.signal, a.hash) for a in payload.add] + [(r.signal, r.hash) for r in payload.remove]
-
-
 def apply_entry(index: int, signer: str, payload: Payload, view: Projection) -> list[ListingChange]:
     """Record the effect of an accepted entry at log ``index``; return the listing changes."""
     view.set_last_seq(signer, payload.header.seq)
@@ -295,8 +293,7 @@ def apply_entry(index: int, signer: str, payload: Payload, view: Projection) -> 
             old = view.key_record(key_id)
             if old is not None:
                 view.put_key(KeyRecord(old.key, old.rights, old.granted_index, index))
-    elif isinstance(payload, BatchPayload):
-        view.read_ahead(_batch_keys(payload))
+    elif isinstance(payload, BatchPayload):  # check_entry has read its hashes ahead
         for addition in payload.add:
             newly_listed = view.listers(addition.signal, addition.hash) == 0
             signal = signal_type(addition.signal)

@@ -52,9 +52,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 @pytest.fixture(scope="session")
-def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+def postgres_server() -> Iterator[PostgresServer]:
     """A real PostgreSQL server for the session (``HASHFED_TEST_POSTGRES``, or one started here)."""
-    server = start_postgres(tmp_path_factory.mktemp("postgres"))
+    server = start_postgres()
     if server is None:
         pytest.skip(
             "no PostgreSQL server: set HASHFED_TEST_POSTGRES=postgresql://USER@127.0.0.1:PORT/postgres, "

@@ -81,7 +81,7 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_postgres(_: Path) -> PostgresServer | None:
+def start_postgres() -> PostgresServer | None:
     """The server to test against; None when there is none and none can be started."""
     if os.environ.get(ENVIRONMENT):
         return PostgresServer(os.environ[ENVIRONMENT])

@@ -28,7 +28,7 @@ from .sql_sources import (
     record_source,
     resume_source,
 )
-from .sql_txn import Connection, SqlTxn, in_chunks, key_record_from_row, read_hub_keys, read_tree
+from .sql_txn import Connection, SqlTxn, key_record_from_row, read_hub_keys, read_tree, rows_by_hash
 
 PROJECTION_TABLES = ("keys", "seqs", "listings", "contents", "opinions", "changes", "hub_keys")
 """What ``rebuild`` empties and recomputes from the log."""
@@ -215,75 +215,64 @@ class SqlStore(ABC):
 
     def contents(self, collection: str, signal: str, hashes: Sequence[str]) -> dict[str, bytes]:
         """The content kept beside listed hashes of a type that has one (a video's frames)."""
-        found: dict[str, bytes] = {}
         with self._snapshot() as conn:
-            for chunk, marks in in_chunks(hashes):
-                rows = conn.execute(
-                    f"SELECT hash, content FROM contents WHERE collection = ? AND type = ? AND hash IN ({marks})",
-                    (collection, signal, *chunk),
-                ).fetchall()
-                found.update((hash_hex, bytes(content)) for hash_hex, content in rows)
-        return found
+            rows = rows_by_hash(conn, "SELECT hash, content FROM contents", collection, signal, hashes)
+        return {hash_hex: bytes(content) for hash_hex, content in rows}
 
     def details(self, collection: str, signal: str, hashes: Sequence[str]) -> dict[str, ListingDetail]:
         """Submitters, labels, first index and opinion counts of listed hashes."""
-        result: dict[str, ListingDetail] = {}
         with self._snapshot() as conn:
-            for chunk, marks in in_chunks(hashes):
-                listing_rows = conn.execute(
-                    f"SELECT hash, member, labels, since FROM listings WHERE collection = ? AND type = ? AND hash IN ({marks})",
-                    (collection, signal, *chunk),
-                ).fetchall()
-                opinion_rows = conn.execute(
-                    f"SELECT hash, verdict, count(*) FROM opinions WHERE collection = ? AND type = ? AND hash IN ({marks}) "
-                    "GROUP BY hash, verdict",
-                    (collection, signal, *chunk),
-                ).fetchall()
-                counts: dict[str, dict[str, int]] = {}
-                for hash_hex, verdict, count in opinion_rows:
-                    counts.setdefault(hash_hex, {})[verdict] = int(count)
-                grouped: dict[str, list[tuple[str, list[str], int]]] = {}
-                for hash_hex, member, labels, since in listing_rows:
-                    grouped.setdefault(hash_hex, []).append((member, json.loads(labels), int(since)))
-                for hash_hex, rows in grouped.items():
-                    opinion = counts.get(hash_hex, {})
-                    result[hash_hex] = ListingDetail(
-                        submitters=tuple(sorted(member for member, _, _ in rows)),
-                        labels=tuple(sorted({label for _, labels, _ in rows for label in labels})),
-                        first_index=min(since for _, _, since in rows),
-                        positive=opinion.get("positive", 0),
-                        negative=opinion.get("negative", 0),
-                    )
+            listing_rows = rows_by_hash(
+                conn, "SELECT hash, member, labels, since FROM listings", collection, signal, hashes
+            )
+            opinion_rows = rows_by_hash(
+                conn,
+                "SELECT hash, verdict, count(*) FROM opinions",
+                collection,
+                signal,
+                hashes,
+                " GROUP BY hash, verdict",
+            )
+        counts: dict[str, dict[str, int]] = {}
+        for hash_hex, verdict, count in opinion_rows:
+            counts.setdefault(hash_hex, {})[verdict] = int(count)
+        grouped: dict[str, list[tuple[str, list[str], int]]] = {}
+        for hash_hex, member, labels, since in listing_rows:
+            grouped.setdefault(hash_hex, []).append((member, json.loads(labels), int(since)))
+        result: dict[str, ListingDetail] = {}
+        for hash_hex, rows in grouped.items():
+            opinion = counts.get(hash_hex, {})
+            result[hash_hex] = ListingDetail(
+                submitters=tuple(sorted(member for member, _, _ in rows)),
+                labels=tuple(sorted({label for _, labels, _ in rows for label in labels})),
+                first_index=min(since for _, _, since in rows),
+                positive=opinion.get("positive", 0),
+                negative=opinion.get("negative", 0),
+            )
         return result
 
     def member_views(
         self, collection: str, signal: str, hashes: Sequence[str]
     ) -> dict[str, list[MemberView]]:
         """Per listed hash, each member that lists it or gave an opinion on it, by member name."""
-        result: dict[str, list[MemberView]] = {}
         with self._snapshot() as conn:
-            for chunk, marks in in_chunks(hashes):
-                listing_rows = conn.execute(
-                    f"SELECT hash, member, labels FROM listings WHERE collection = ? AND type = ? AND hash IN ({marks})",
-                    (collection, signal, *chunk),
-                ).fetchall()
-                opinion_rows = conn.execute(
-                    f"SELECT hash, member, verdict FROM opinions WHERE collection = ? AND type = ? AND hash IN ({marks})",
-                    (collection, signal, *chunk),
-                ).fetchall()
-                views: dict[str, dict[str, MemberView]] = {}
-                for hash_hex, member, labels in listing_rows:
-                    views.setdefault(hash_hex, {})[member] = MemberView(
-                        member, True, tuple(json.loads(labels))
-                    )
-                for hash_hex, member, verdict in opinion_rows:
-                    if hash_hex not in views:
-                        continue  # opinions on a hash nobody lists any more
-                    held = views[hash_hex].get(member, MemberView(member, False))
-                    views[hash_hex][member] = replace(held, verdict=verdict)
-                for hash_hex, by_member in views.items():
-                    result[hash_hex] = [by_member[name] for name in sorted(by_member)]
-        return result
+            listing_rows = rows_by_hash(
+                conn, "SELECT hash, member, labels FROM listings", collection, signal, hashes
+            )
+            opinion_rows = rows_by_hash(
+                conn, "SELECT hash, member, verdict FROM opinions", collection, signal, hashes
+            )
+        views: dict[str, dict[str, MemberView]] = {}
+        for hash_hex, member, labels in listing_rows:
+            views.setdefault(hash_hex, {})[member] = MemberView(member, True, tuple(json.loads(labels)))
+        for hash_hex, member, verdict in opinion_rows:
+            if hash_hex not in views:
+                continue  # opinions on a hash nobody lists any more
+            held = views[hash_hex].get(member, MemberView(member, False))
+            views[hash_hex][member] = replace(held, verdict=verdict)
+        return {
+            hash_hex: [by_member[name] for name in sorted(by_member)] for hash_hex, by_member in views.items()
+        }
 
     # ---- mirrored collections (SQL in .sql_sources) --------------------------
 

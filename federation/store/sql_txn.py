@@ -85,6 +85,25 @@ def in_chunks(hashes: Sequence[str], size: int = 500) -> Iterator[tuple[list[str
         yield chunk, ",".join("?" * len(chunk))
 
 
+def rows_by_hash(
+    conn: Connection, select: str, collection: str, signal: str, hashes: Sequence[str], tail: str = ""
+) -> list[Any]:
+    """The rows of ``select`` (``SELECT … FROM table``) for some hashes of one type in a collection.
+
+    The hashes go in ``IN (…)`` lists of at most 500; ``tail`` (a ``GROUP BY``) applies per list,
+    which is enough for groups by hash.
+    """
+    rows: list[Any] = []
+    for chunk, marks in in_chunks(hashes):
+        rows.extend(
+            conn.execute(
+                f"{select} WHERE collection = ? AND type = ? AND hash IN ({marks}){tail}",
+                (collection, signal, *chunk),
+            ).fetchall()
+        )
+    return rows
+
+
 class SqlTxn:
     """A write transaction on one collection (implements ``CollectionTxn``).
 
@@ -131,13 +150,10 @@ class SqlTxn:
                 by_signal.setdefault(signal, []).append(hash_hex)
         conn = self._read()
         for signal, hashes in by_signal.items():
-            for chunk, marks in in_chunks(hashes):
-                rows = conn.execute(
-                    f"SELECT hash, member FROM listings WHERE collection = ? AND type = ? AND hash IN ({marks})",
-                    (self._collection, signal, *chunk),
-                )
-                for hash_hex, member in rows:
-                    self._listers[(signal, hash_hex)].add(member)
+            for hash_hex, member in rows_by_hash(
+                conn, "SELECT hash, member FROM listings", self._collection, signal, hashes
+            ):
+                self._listers[(signal, hash_hex)].add(member)
 
     def log_size(self) -> int:
         return self._size
