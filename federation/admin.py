@@ -8,6 +8,7 @@ sees the new entries on its next request.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -112,8 +113,11 @@ def rebuild(data: DataDir) -> dict[str, int]:
     check_room_to_rebuild(data)
     # Index snapshots derive from the projection about to be rebuilt: drop them first
     # (a crash mid-way must not leave old ones), and the next start builds afresh.
-    for snapshot in [*data.index_dir.glob("*.npy"), *data.index_dir.glob("*.json")]:
+    for snapshot in data.index_dir.glob("*.json"):
         snapshot.unlink(missing_ok=True)
+    for segment in data.index_dir.glob("*"):
+        if segment.is_dir():
+            shutil.rmtree(segment, ignore_errors=True)
     node = open_node(data, searchable=False)
     try:
         return {collection: node.rebuild(collection) for collection in node.collections()}

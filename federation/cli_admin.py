@@ -238,10 +238,10 @@ def add_admin_commands(sub: Any) -> None:
     p.add_argument(
         "--workers",
         type=int_in(1, 256),
-        default=1,
+        default=os.cpu_count() or 1,
         metavar="N",
-        help=f"processes serving the hub on the one port, over the one database (default 1; this machine "
-        f"has {os.cpu_count() or 1} cores): see docs/scaling.md",
+        help=f"processes serving the hub on the one port, over the one database (default: one per core, "
+        f"{os.cpu_count() or 1} on this machine); they share the index's segment files: see docs/scaling.md",
     )
 
     _dir_command(sub, "rebuild", cmd_rebuild)

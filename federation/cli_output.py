@@ -194,11 +194,12 @@ HELP: dict[str, tuple[str, str, str]] = {
     "serve": (
         "run the hub",
         "Serve the hub's HTTP API until interrupted. Host and port default to hub.toml "
-        "(127.0.0.1:8080 unless edited). With --workers N, N processes serve the one port over the "
-        "one database, sharing replay protection and rate limits, so the hub uses N cores. A hub on "
+        "(127.0.0.1:8080 unless edited). One worker process per core serves the one port over the "
+        "one database (--workers N to choose), sharing replay protection, rate limits and the index "
+        "segment files, so the hub uses every core. A hub on "
         "PostgreSQL can also run as replicas on several machines: copies of DIR, each served.",
         "hashfed serve /srv/hashfed\nhashfed serve /srv/hashfed --host 0.0.0.0 --port 9000\n"
-        "hashfed serve /srv/hashfed --workers 2",
+        "hashfed serve /srv/hashfed --workers 1",
     ),
     "rebuild": (
         "rebuild the projection from the logs",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import shutil
 import socket
@@ -109,6 +110,7 @@ def small_filesystem(path: Path, size: str) -> Iterator[Path]:
     try:
         yield path
     finally:
+        gc.collect()  # indexes this process dropped may still map segment files there until collected
         for _ in range(50):
             if subprocess.run(["umount", str(path)]).returncode == 0:
                 break

@@ -52,7 +52,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import numpy as np
 import pytest
 
 from federation import merkle
@@ -77,7 +76,8 @@ from federation.envelope import (
     utc_now,
 )
 from federation.hub import open_node
-from federation.index.live import IndexCatalog, SnapshotFiles
+from federation.index.live import IndexCatalog
+from federation.index.segment_files import SnapshotFiles
 from federation.index.segmented import DEFAULT_FRESH_LIMIT
 from federation.keys import SignerKey, VerifierKey
 from federation.node import Node
@@ -440,12 +440,15 @@ def check_snapshot(data: DataDir, collection: str = COLLECTION) -> str:
     """
     with tempfile.TemporaryDirectory() as scratch:  # a copy: loading may tidy the directory it reads
         for path in data.index_dir.glob("*.pdq.*"):
-            if not path.name.endswith(".tmp"):
+            if path.is_dir():
+                shutil.copytree(path, Path(scratch) / path.name)
+            elif not path.name.endswith(".tmp"):
                 shutil.copy2(path, Path(scratch) / path.name)
         loaded = SnapshotFiles(Path(scratch)).load(collection, PDQ.name, 32)
-    if loaded is None:
-        return "none"
-    position, codes = loaded
+        if loaded is None:
+            return "none"
+        position = loaded.position
+        held = {row.tobytes().hex() for row in loaded.segment.codes}
     with closing(_connect(data)) as conn:
         conn.execute("BEGIN")
         size = int(conn.execute("SELECT size FROM collections WHERE name = ?", (collection,)).fetchone()[0])
@@ -465,7 +468,6 @@ def check_snapshot(data: DataDir, collection: str = COLLECTION) -> str:
         conn.execute("COMMIT")
     if position > size:
         return "ignored"  # IndexCatalog builds from the store instead
-    held = {row.tobytes().hex() for row in codes}
     extra = (held - changed) - listed
     missing = (listed - changed) - held
     assert not extra and not missing, (
@@ -1105,7 +1107,9 @@ class World:
 def clear_snapshot(data: DataDir) -> None:
     """Delete the snapshot files (they are derived data); the next load builds from the store and saves one."""
     for path in data.index_dir.glob("*"):
-        if not path.name.endswith(".tmp"):
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif not path.name.endswith(".tmp"):
             path.unlink()
 
 
@@ -1224,7 +1228,7 @@ async def test_sigkill_during_startup_load(tmp_path: Path) -> None:
             leftovers = sorted(
                 f"{path.name} ({path.stat().st_size:,} bytes)"
                 for path in data.index_dir.iterdir()
-                if not path.name.startswith(f"{COLLECTION}.") or path.suffix not in (".npy", ".json")
+                if not path.name.startswith(f"{COLLECTION}.") or not (path.is_dir() or path.suffix == ".json")
             )
             listed = sorted({(kind, value) for kind, value, _ in world.expected["listings"]})
             removed = sorted(set(world.removed) - set(listed))[:2_000]
@@ -1344,7 +1348,7 @@ def test_sigkill_during_rebuild(tmp_path: Path) -> None:
         assert attempts <= 3 * REBUILD_KILLS + 4, f"kills {kills} after {attempts} attempts"
         if attempts > 1 and rng.random() < 0.4:
             world.grow(rng, entries=rng.randint(1, 4), sizes=(1, 60))
-        if rng.random() < 0.3 and not any(data.index_dir.glob("*.npy")):
+        if rng.random() < 0.3 and not any(data.index_dir.glob("*.json")):
             node = open_node(data)  # a snapshot for the rebuild to drop
             node.load()
             node.store.close()
@@ -1375,12 +1379,12 @@ def test_sigkill_during_rebuild(tmp_path: Path) -> None:
 def test_an_older_snapshot_written_late_never_pairs_with_a_newer_position(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Two snapshot writes of one collection at once (a merge's background snapshot and another
-    merge's, or the shutdown snapshot) must not leave one write's codes under the other's position.
+    """Two publications of one collection's segment at once must not leave one segment under the
+    other's position.
 
-    The first write takes its codes at position P1 and is slow; the second
-    takes newer codes at P2 > P1 and finishes. If the first then finishes
-    writing, a restart must still answer as the log says.
+    The first publishes a segment at position P1 and is slow; the second
+    publishes a newer one at P2 > P1 and finishes. If the first then goes
+    on, a restart must still answer as the log says.
     """
     rng = random.Random(7)
     world = World(tmp_path)
@@ -1393,21 +1397,21 @@ def test_an_older_snapshot_written_late_never_pairs_with_a_newer_position(
         COLLECTION,
         world.envelope(acme, BATCH_TYPE, lambda h: batch_payload(h, "acme", [Addition("pdq", dropped)])),
     )
-    real_save = np.save
+    real_publish = SnapshotFiles.publish
     first_opened, finish_first = threading.Event(), threading.Event()
 
-    def slow_save(handle: Any, codes: Any, **options: Any) -> None:
-        if threading.current_thread().name == "first-snapshot":
+    def slow_publish(self: SnapshotFiles, collection: str, signal: str, position: int, segment: Any) -> bool:
+        if threading.current_thread().name == "first-snapshot" and not first_opened.is_set():
             first_opened.set()
             finish_first.wait(10)
-        real_save(handle, codes, **options)
+        return real_publish(self, collection, signal, position, segment)
 
-    monkeypatch.setattr(np, "save", slow_save)
+    monkeypatch.setattr(SnapshotFiles, "publish", slow_publish)
     failures: list[BaseException] = []
 
     def first() -> None:
         try:
-            node.indexes.snapshot(COLLECTION)  # the codes at P1: `dropped` listed, `kept` not
+            node.indexes.snapshot(COLLECTION)  # the segment at P1: `dropped` listed, `kept` not
         except BaseException as exc:
             failures.append(exc)
 
@@ -1423,10 +1427,11 @@ def test_an_older_snapshot_written_late_never_pairs_with_a_newer_position(
             lambda h: batch_payload(h, "acme", [Addition("pdq", kept)], [Removal("pdq", dropped)]),
         ),
     )
-    node.indexes.snapshot(COLLECTION)  # the codes at P2
+    node.indexes.snapshot(COLLECTION)  # the segment at P2
     finish_first.set()
     thread.join()
-    monkeypatch.setattr(np, "save", real_save)
+    monkeypatch.setattr(SnapshotFiles, "publish", real_publish)
+    node.indexes.close()
     node.store.close()
 
     reopened = open_node(world.data)
@@ -1455,7 +1460,7 @@ def test_an_empty_snapshot_file_is_ignored(tmp_path: Path) -> None:
     node = open_node(world.data)
     node.load()  # builds from the store and saves a snapshot
     node.store.close()
-    codes_file = next(world.data.index_dir.glob("*.npy"))
+    codes_file = next(world.data.index_dir.glob("*/codes.npy"))
     codes_file.write_bytes(b"")  # what a crash can leave where the file's data was not yet on disk
     try:
         check_index(world.data, tmp_path)

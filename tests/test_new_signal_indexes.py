@@ -279,7 +279,7 @@ def test_photodna_and_video_answers_survive_a_restart(federation: Federation) ->
     assert expected[-1] and naive_identity(videos[0]) not in [m[0] for m in expected[-1]]
     assert all(m[0] != vectors[0].tobytes().hex() for ms in expected for m in ms)
     node.store.close()
-    assert (federation.data.index_dir / "main.photodna.npy").exists()  # the restart starts from it
+    assert (federation.data.index_dir / "main.photodna.json").exists()  # the restart maps its segment
     reopened = open_node(DataDir(federation.data.path))
     reopened.load()
     assert answers(reopened) == expected

@@ -68,7 +68,7 @@ def test_an_unusable_snapshot_is_ignored(federation: Federation) -> None:
     _submit(node, federation, "acme", [pdq(1), pdq(2)])
     node.indexes.snapshot_all()
     node.store.close()
-    for path in federation.data.index_dir.glob("*.npy"):
+    for path in federation.data.index_dir.rglob("*.npy"):
         path.write_bytes(b"not an array")
     reopened = open_node(federation.data)
     reopened.load()

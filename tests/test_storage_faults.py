@@ -179,7 +179,7 @@ async def test_snapshots_that_cannot_be_written_never_block_readiness_or_a_clean
     node.store.close()
     index_dir = small.data.index_dir
     index_dir.mkdir(exist_ok=True)
-    with small_filesystem(index_dir, "1m"):
+    with small_filesystem(index_dir, "4m"):
         remount(index_dir, ["ro"])  # the index directory alone cannot be written
         log = tmp_path / "serve.log"
         port = free_port()
@@ -197,7 +197,8 @@ async def test_snapshots_that_cannot_be_written_never_block_readiness_or_a_clean
         node = open_node(small.data)
         node.load()  # the build fails to save again (now it can): then a retry saves it
         node.indexes.retry_snapshots()
-        assert (index_dir / "main.pdq.npy").exists()
+        assert (index_dir / "main.pdq.json").exists()
+        node.indexes.close()  # it maps the segment's files: let go before the filesystem is unmounted
         node.store.close()
 
 
@@ -210,7 +211,7 @@ def test_rebuild_refuses_before_deleting_anything_when_it_cannot_finish(disk: Pa
     node.indexes.snapshot_all()
     node.store.close()
     snapshots = sorted(path.name for path in small.data.index_dir.iterdir())
-    assert "main.pdq.npy" in snapshots
+    assert "main.pdq.json" in snapshots
     database_size = small.data.database.stat().st_size
     filler = fill(disk, keep_free=database_size // 2)
     done = hashfed("rebuild", str(small.data.path))

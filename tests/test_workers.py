@@ -26,6 +26,7 @@ import pytest
 from federation.client import HubClient
 from federation.envelope import Addition
 from federation.httpsig import sign_request
+from federation.index.segmented import DEFAULT_FRESH_LIMIT
 from federation.keys import SignerKey
 from tests.faults import free_port, start_hashfed, wait_exit
 from tests.sync_helpers import COLLECTION, READ, READ_WRITE, make_hub, pdq
@@ -238,3 +239,47 @@ async def test_workers_stop_by_themselves_when_the_supervisor_is_killed(tmp_path
             "the supervisor" in workers.log.read_text()
             and "is gone; this worker stops" in workers.log.read_text()
         )
+
+
+def _mapped_segments(pid: int, index_dir: Path) -> set[str]:
+    """The segment directories under ``index_dir`` whose files process ``pid`` maps."""
+    found = set()
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        path = line.split(maxsplit=5)[-1] if len(line.split()) >= 6 else ""
+        if path.startswith(f"{index_dir}/") and path.endswith(".npy"):
+            found.add(Path(path).parent.name)
+    return found
+
+
+async def test_every_worker_maps_the_one_large_segment_the_writing_worker_published(
+    workers: Workers, tmp_path: Path
+) -> None:
+    """Past the fresh segment's limit one worker merges into files; the others map the same files."""
+    index_dir = tmp_path / "hub-w" / "index"
+    codes = [pdq(200_000 + number) for number in range(DEFAULT_FRESH_LIMIT + 3_000)]
+    async with workers.client("acme") as writer:
+        for start in range(0, len(codes), 9_000):
+            await writer.submit(COLLECTION, [Addition("pdq", code) for code in codes[start : start + 9_000]])
+    published = index_dir / f"{COLLECTION}.pdq.json"
+    pids = workers.worker_pids()
+    sample = random.Random(5).sample(codes, 50)
+    deadline = time.monotonic() + 120
+
+    def mapped() -> dict[int, set[str]]:
+        return {pid: _mapped_segments(pid, index_dir) for pid in pids}
+
+    while not published.exists() or mapped() != {
+        pid: {json.loads(published.read_text())["segment"]} for pid in pids
+    }:
+        assert time.monotonic() < deadline, f"published: {published.exists()}; the workers map {mapped()}"
+        async with workers.client("reader") as reader:  # requests are what catch a worker up
+            found = await reader.lookup([("pdq", code) for code in sample], max_distance=0)
+        assert all(
+            [m["hash"] for m in matches] == [code] for code, matches in zip(sample, found, strict=True)
+        )
+        await asyncio.sleep(0.2)
+    async with workers.client("reader") as reader:
+        found = await reader.lookup([("pdq", code) for code in codes[::97]], max_distance=0)
+    assert all(
+        [m["hash"] for m in matches] == [code] for code, matches in zip(codes[::97], found, strict=True)
+    )

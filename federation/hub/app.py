@@ -163,7 +163,8 @@ def create_app(
         if runtime.peering is not None:
             await runtime.peering.stop()
         if runtime.ready:  # failures are logged: a snapshot is an optimisation, never a reason to fail
-            await runtime.read(node.indexes.snapshot_all)
+            await runtime.read(node.indexes.retry_snapshots)
+        node.indexes.close()
         runtime.writer.shutdown(wait=True)
         runtime.readers.shutdown(wait=True)
         node.store.close()

@@ -9,36 +9,44 @@ searchable; lookups call it too, so entries written by another process (a CLI
 command, another replica) become visible without a restart.
 
 Snapshots make restarts fast: for each signal type whose index is an array
-of codes (PDQ, PhotoDNA; see ``SignalType.snapshot_width``), the live codes of
-a collection are saved with the log position they reflect (after each merge
-of the large segment, after a build from the store, and on shutdown). A
-restart loads the snapshots and replays only the listing changes recorded
-since the oldest of their positions. Other types are built from the store.
+of codes (PDQ, PhotoDNA; see ``SignalType.snapshot_width``), the large index
+segment is written into files (:mod:`~federation.index.segment_files`) and
+published with a log position its codes reflect, after each merge and after
+a build from the store. A restart maps the published segments and replays
+only the listing changes recorded since the oldest of their positions. Other
+types are built from the store.
+
+Several worker processes of one hub share the segments: one of them (the one
+that ``writes_snapshots``) merges into files and publishes; the others map
+what it publishes, within :data:`ADOPT_POLL_SECONDS`, and replay the changes
+since, so the workers hold one copy of each segment in the page cache.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import quote
 
 import numpy as np
 
-from ..durable import OWNER_ONLY_FILE, make_private_directory, write_atomically
 from ..signals import SIGNAL_TYPES, Hit, Query, SignalType
+from ..state import ListingChange
 from ..store.base import HubStore
 from .budget import MatchBudget
-from .engines import SearchIndex
-from .segmented import Codes, SegmentedIndex
+from .engines import SearchIndex, decode_hashes
+from .segment_files import SavedSegment, SnapshotFiles
+from .segmented import SegmentedIndex
 
-SNAPSHOT_FORMAT = 2
+FOLLOWER_FRESH_FACTOR = 4
+"""A worker that does not write segments merges on its own only when its fresh segment grows this
+many times past the usual limit (the writing worker is far behind); normally it adopts the
+writer's segment first."""
+ADOPT_POLL_SECONDS = 1.0
+"""How often a worker that does not write segments looks for a newer one to map."""
 EXTERNAL_POLL_SECONDS = 0.1
 """How often a lookup checks the store for entries written by other processes.
 
@@ -52,115 +60,8 @@ log = logging.getLogger("hashfed.index")
 class _CollectionIndexes:
     position: int
     by_signal: dict[str, SearchIndex]
-
-
-class SnapshotFiles:
-    """``<dir>/<collection>.<type>.npy`` (the live codes) and ``.json`` (their position and checksum).
-
-    Each file is written to a temporary name, fsynced and renamed into place.
-    The metadata carries a SHA-256 of the codes and a checksum over all of its
-    own fields with it, so a changed ``position`` or ``count`` is detected
-    like changed codes. A crash between the two
-    renames, a torn write or a stale pair is detected at load and the snapshot
-    ignored (the index is then built from the store). Two saves racing each
-    other never leave the older one in place: a save whose position is not
-    newer than the one on disk is dropped.
-    """
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self._lock = threading.Lock()
-
-    def _paths(self, collection: str, signal: str) -> tuple[Path, Path]:
-        stem = f"{quote(collection, safe='')}.{signal}"
-        return self.directory / f"{stem}.npy", self.directory / f"{stem}.json"
-
-    def _meta(self, path: Path) -> dict[str, object] | None:
-        try:
-            meta = json.loads(path.read_text())
-        except (OSError, ValueError):
-            return None
-        return meta if isinstance(meta, dict) else None
-
-    def save(self, collection: str, signal: str, position: int, codes: Codes) -> None:
-        codes_path, meta_path = self._paths(collection, signal)
-        make_private_directory(self.directory)
-        codes = np.ascontiguousarray(codes)
-        meta = _sealed(
-            {
-                "format": SNAPSHOT_FORMAT,
-                "collection": collection,
-                "signal": signal,
-                "position": position,
-                "count": len(codes),
-                "codes_sha256": hashlib.sha256(codes.data).hexdigest(),
-            }
-        )
-        unique = f".{os.getpid()}.{threading.get_ident()}.tmp"
-        codes_tmp = codes_path.with_name(codes_path.name + unique)
-        try:
-            fd = os.open(codes_tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, OWNER_ONLY_FILE)
-            with os.fdopen(fd, "wb") as handle:
-                np.save(handle, codes, allow_pickle=False)
-                handle.flush()
-                os.fsync(handle.fileno())
-            with self._lock:
-                current = self._meta(meta_path)
-                on_disk = current.get("position") if current else None
-                if isinstance(on_disk, int) and on_disk > position:
-                    return  # a newer snapshot landed while this one was being written
-                os.replace(codes_tmp, codes_path)
-                write_atomically(meta_path, json.dumps(meta))
-        finally:
-            codes_tmp.unlink(missing_ok=True)
-
-    def load(self, collection: str, signal: str, width: int) -> tuple[int, Codes] | None:
-        """The snapshot of a collection's codes of one type, or None if there is none or it is unusable.
-
-        Loading happens before this process can be saving the same collection,
-        so temporary files left by a save that was killed are removed here.
-        """
-        codes_path, meta_path = self._paths(collection, signal)
-        for stale in self.directory.glob(f"{quote(collection, safe='')}.{signal}.*.tmp"):
-            stale.unlink(missing_ok=True)
-        for stale in self.directory.glob(f".{quote(collection, safe='')}.{signal}.json.*.tmp"):
-            stale.unlink(missing_ok=True)
-        meta = self._meta(meta_path)
-        if meta is None:
-            return None
-        if meta.get("checksum") != _sealed(meta).get("checksum") or (
-            meta.get("format"),
-            meta.get("collection"),
-            meta.get("signal"),
-        ) != (SNAPSHOT_FORMAT, collection, signal):
-            log.warning(
-                "ignoring the index snapshot of %s (%s): its metadata is damaged or stale", collection, signal
-            )
-            return None
-        try:
-            codes = np.load(codes_path, allow_pickle=False)
-        except (OSError, ValueError, EOFError):
-            log.warning("ignoring the unreadable index snapshot of %s (%s)", collection, signal)
-            return None
-        position = meta.get("position")
-        if (
-            not isinstance(position, int)
-            or codes.dtype != np.uint8
-            or codes.ndim != 2
-            or codes.shape[1] != width
-            or len(codes) != meta.get("count")
-            or hashlib.sha256(np.ascontiguousarray(codes).data).hexdigest() != meta.get("codes_sha256")
-        ):
-            log.warning("ignoring the unusable index snapshot of %s (%s)", collection, signal)
-            return None
-        return position, codes
-
-
-def _sealed(meta: dict[str, object]) -> dict[str, object]:
-    """``meta`` with a ``checksum`` over every other field (the codes' own SHA-256 among them)."""
-    fields = {key: value for key, value in meta.items() if key != "checksum"}
-    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
-    return {**fields, "checksum": hashlib.sha256(canonical).hexdigest()}
+    looked: float = field(default_factory=time.monotonic)
+    """When a follower last looked for newer published segments."""
 
 
 class IndexCatalog:
@@ -177,66 +78,101 @@ class IndexCatalog:
         """Seconds a search may go without checking the store for other processes' writes; 0 with
         several workers, so that a lookup reflects every entry any of them acknowledged before it began."""
         self.writes_snapshots = True
-        """False in all workers but one: snapshots are read by all, written by one."""
+        """False in all workers but one: segments are written and published by one, mapped by all."""
+        self._tidied = False
         self._lock = threading.Lock()
 
     def _build(self, collection: str) -> _CollectionIndexes:
-        """Each type's index from its snapshot where one is usable, else from the listed hashes.
+        """Each type's index from its published segment where one is usable, else from the listed hashes.
 
         The indexes may then reflect different log positions; replaying the
         changes since the oldest of them onto all is harmless: each change
         sets a hash's presence outright, so the last change per hash, which
         a newer index already reflects, wins.
         """
+        if self._snapshots is not None and self.writes_snapshots and not self._tidied:
+            self._snapshots.remove_unfinished()
+            self._tidied = True
         size = self._store.log_size(collection)
         by_signal: dict[str, SearchIndex] = {}
         positions: list[int] = []
-        built_from_store: list[SignalType] = []
         for signal in SIGNAL_TYPES.values():
-            snapshot = self._load(collection, signal)
-            if snapshot is not None and snapshot[0] <= size:
-                position, codes = snapshot
-                by_signal[signal.name] = self._new_index(collection, signal, codes)
+            saved = self._load(collection, signal)
+            if saved is not None and saved.position <= size:
+                by_signal[signal.name] = self._new_index(collection, signal, saved=saved)
+                positions.append(saved.position)
+                continue
+            listed, position = self._store.listed(collection, signal.name)
+            hashes = [hash_hex for _, hash_hex in listed]
+            if signal.snapshot_width:
+                # Built in one go over every listed code: into files (and published) where this
+                # process writes segments, so the first start after an upgrade or a rebuild
+                # leaves a segment every later start maps.
+                codes = np.frombuffer(decode_hashes(signal, hashes), dtype=np.uint8)
+                index = self._new_index(collection, signal, codes.reshape(-1, signal.snapshot_width))
+                assert isinstance(index, SegmentedIndex)
+                index.label = index.merged_label = position
+                self._publish(collection, signal.name, index)
             else:
-                listed, position = self._store.listed(collection, signal.name)
-                index = by_signal[signal.name] = self._new_index(collection, signal)
-                self._add(collection, signal, index, [hash_hex for _, hash_hex in listed])
-                built_from_store.append(signal)
+                index = self._new_index(collection, signal)
+                self._add(collection, signal, index, hashes)
+            by_signal[signal.name] = index
             positions.append(position)
         built = _CollectionIndexes(min(positions), by_signal)
         self._apply_changes(collection, built)
-        for signal in built_from_store:
-            index = by_signal[signal.name]
-            if signal.snapshot_width and len(index):
-                assert isinstance(index, SegmentedIndex)
-                self._save(collection, signal.name, built.position, index.live_codes())
         return built
 
-    def _save(self, collection: str, signal: str, position: int, codes: Codes) -> None:
-        """Save a snapshot if possible; a snapshot is an optimisation, so a failure is logged and retried.
+    def _publish(self, collection: str, signal: str, index: SegmentedIndex) -> None:
+        """Name the index's large segment as the collection's snapshot; remember it if that fails.
 
-        On a full or read-only disk the index still serves from memory; the
-        collection is remembered and saved again by :meth:`retry_snapshots`.
+        A snapshot is an optimisation: on a full or read-only disk the index
+        still serves from memory, and :meth:`retry_snapshots` tries again.
         """
         if self._snapshots is None or not self.writes_snapshots:
             return
+        segment = index.segment
+        if segment is None:
+            if len(index):  # its files could not be written: it was built in memory
+                log.warning("could not save the %s index snapshot of %s; will retry", signal, collection)
+                self._unsaved.add(collection)
+            return
         try:
-            self._snapshots.save(collection, signal, position, codes)
+            self._snapshots.publish(collection, signal, index.merged_label, segment)
         except OSError as exc:
             log.warning(
                 "could not save the %s index snapshot of %s (%s); will retry", signal, collection, exc
             )
             self._unsaved.add(collection)
 
-    def _load(self, collection: str, signal: SignalType) -> tuple[int, Codes] | None:
+    def _load(self, collection: str, signal: SignalType) -> SavedSegment | None:
         if self._snapshots is None or signal.snapshot_width is None:
             return None
         return self._snapshots.load(collection, signal.name, signal.snapshot_width)
 
-    def _new_index(self, collection: str, signal: SignalType, codes: Codes | None = None) -> SearchIndex:
-        index = signal.new_index(codes)
-        if isinstance(index, SegmentedIndex) and signal.snapshot_width:
-            index.on_merged = lambda seconds: self._merged(collection, seconds)
+    def _new_index(
+        self,
+        collection: str,
+        signal: SignalType,
+        codes: np.ndarray | None = None,
+        *,
+        saved: SavedSegment | None = None,
+    ) -> SearchIndex:
+        if not signal.snapshot_width or self._snapshots is None:
+            return signal.new_index(codes)
+        snapshots = self._snapshots
+        writes = self.writes_snapshots
+        options: dict[str, object] = {}
+        if writes:
+            options["spill"] = lambda: snapshots.builder(collection, signal.name)
+        if saved is not None:
+            options["segment"] = saved.segment
+        index = signal.new_index(codes, **options)
+        if isinstance(index, SegmentedIndex):
+            if saved is not None:
+                index.label = index.merged_label = saved.position
+            if not writes:
+                index.fresh_limit *= FOLLOWER_FRESH_FACTOR
+            index.on_merged = lambda seconds: self._merged(collection, signal.name, index, seconds)
         return index
 
     def _add(self, collection: str, signal: SignalType, index: SearchIndex, hashes: list[str]) -> None:
@@ -254,21 +190,34 @@ class IndexCatalog:
     def _apply_changes(self, collection: str, current: _CollectionIndexes) -> None:
         """Apply the listing changes since ``current.position`` (lock held)."""
         changes, size = self._store.changes_since(collection, current.position)
+        self._replay(collection, current.by_signal, changes)
+        current.position = size
+        for index in current.by_signal.values():
+            if isinstance(index, SegmentedIndex):
+                index.label = size
+
+    def _replay(
+        self, collection: str, indexes: dict[str, SearchIndex], changes: Sequence[ListingChange]
+    ) -> None:
+        """Apply ``changes`` to those of ``indexes`` whose type they concern, in runs of one type and direction."""
         run: list[str] = []
         for position, change in enumerate(changes):
+            if change.signal not in indexes:
+                continue
             run.append(change.hash)
             following = changes[position + 1] if position + 1 < len(changes) else None
             if following is None or (following.signal, following.listed) != (change.signal, change.listed):
-                index = current.by_signal[change.signal]
+                index = indexes[change.signal]
                 if change.listed:
                     self._add(collection, SIGNAL_TYPES[change.signal], index, run)
                 else:
                     index.remove(run)
                 run = []
-        current.position = size
 
     def catch_up(self, collection: str) -> int:
         """Bring one collection's indexes up to the log; return the position reached."""
+        if not self.writes_snapshots and self._snapshots is not None:
+            self._adopt_published(collection)
         with self._lock:
             current = self._collections.get(collection)
             if current is None:
@@ -278,23 +227,67 @@ class IndexCatalog:
                 self._apply_changes(collection, current)
             return current.position
 
+    def _adopt_published(self, collection: str) -> None:
+        """Map the segments the writing worker published since we last looked.
+
+        Checking and mapping a segment (its files' SHA-256 are read) and
+        replaying the changes since it happen outside the lock, so lookups
+        go on meanwhile; the lock is taken to replay what came after and swap.
+        """
+        now = time.monotonic()
+        with self._lock:
+            current = self._collections.get(collection)
+            if current is None or self._snapshots is None or now - current.looked < ADOPT_POLL_SECONDS:
+                return
+            current.looked = now
+            segmented = {
+                name: index
+                for name, index in current.by_signal.items()
+                if isinstance(index, SegmentedIndex) and SIGNAL_TYPES[name].snapshot_width
+            }
+        for name, index in segmented.items():
+            published = self._snapshots.version(collection, name)
+            mapped = index.segment
+            if published is None or (mapped is not None and mapped.name == published):
+                continue
+            saved = self._load(collection, SIGNAL_TYPES[name])
+            if saved is None or saved.position > self._store.log_size(collection):
+                continue
+            adopted = self._new_index(collection, SIGNAL_TYPES[name], saved=saved)
+            changes, reached = self._store.changes_since(collection, saved.position)
+            self._replay(collection, {name: adopted}, changes)
+            with self._lock:
+                current = self._collections.get(collection)
+                if current is None or current.by_signal.get(name) is not index:
+                    continue  # forgotten, or replaced meanwhile
+                if current.position > reached:
+                    later, _ = self._store.changes_since(collection, reached)
+                    self._replay(collection, {name: adopted}, later)
+                current.by_signal[name] = adopted
+
     def snapshot(self, collection: str) -> None:
-        """Save the collection's codes, of each type that keeps them, with the log position they reflect."""
+        """Merge each segmented index of the collection into files now and publish it at the current position.
+
+        Costs a merge; a restart needs none (it replays the log since the
+        last published segment), so this is for tools and tests, and for
+        segments whose publication failed (:meth:`retry_snapshots`).
+        """
         if self._snapshots is None or not self.writes_snapshots:
             return
         with self._lock:
             current = self._collections.get(collection)
             if current is None:
                 return
-            saved = [
-                (name, index.live_codes())
+            indexes = [
+                (name, index)
                 for name, index in current.by_signal.items()
                 if isinstance(index, SegmentedIndex) and SIGNAL_TYPES[name].snapshot_width
             ]
-            position = current.position
             self._unsaved.discard(collection)
-        for name, codes in saved:
-            self._save(collection, name, position, codes)
+        for name, index in indexes:
+            if len(index) or index.segment is not None:
+                index.merge(wait=True)
+                self._publish(collection, name, index)
 
     def retry_snapshots(self) -> None:
         """Save again the snapshots that failed (a disk that was full or read-only)."""
@@ -309,7 +302,7 @@ class IndexCatalog:
         for collection in collections:
             self.snapshot(collection)
 
-    def _merged(self, collection: str, seconds: float) -> None:
+    def _merged(self, collection: str, signal: str, index: SegmentedIndex, seconds: float) -> None:
         log.info(
             "merged the large index segment of %s in %.1f s",
             collection,
@@ -318,7 +311,11 @@ class IndexCatalog:
         )
         if self.on_merge is not None:
             self.on_merge(seconds)
-        self._snapshot_in_background(collection)
+        with self._lock:
+            current = self._collections.get(collection)
+            still_used = current is not None and current.by_signal.get(signal) is index
+        if still_used:
+            self._publish(collection, signal, index)
 
     def segments(self, collection: str) -> dict[str, dict[str, int]]:
         """Live hashes per index segment, for each type whose index has segments."""
@@ -331,11 +328,10 @@ class IndexCatalog:
             if isinstance(index, SegmentedIndex)
         }
 
-    def _snapshot_in_background(self, collection: str) -> None:
-        def run() -> None:
-            self.snapshot(collection)
-
-        threading.Thread(target=run, name="hashfed-snapshot", daemon=True).start()
+    def close(self) -> None:
+        """Let go of every index (and so of the segment files they map); a later search builds afresh."""
+        with self._lock:
+            self._collections.clear()
 
     def forget(self, collection: str) -> None:
         """Drop a collection's indexes; the next catch-up builds them afresh."""

@@ -84,6 +84,7 @@ import itertools
 import math
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -237,6 +238,82 @@ def _substring_keys(codes: Codes64, start: int, width: int) -> npt.NDArray[np.ui
     return keys
 
 
+def table_buckets(widths: tuple[int, ...]) -> int:
+    """Entries of the concatenated offsets table, less the final one."""
+    return sum(1 << width for width in widths)
+
+
+def offsets_dtype(widths: tuple[int, ...], n: int) -> type[np.unsignedinteger] | type[np.signedinteger]:
+    return np.uint32 if len(widths) * n < 1 << 32 else np.int64
+
+
+class _Filler:
+    """An array filled front to back by successive writes (the in-memory sink of :func:`write_tables`)."""
+
+    def __init__(self, size: int, dtype: npt.DTypeLike) -> None:
+        self.array = np.empty(size, dtype=dtype)
+        self._at = 0
+
+    def write(self, chunk: npt.NDArray[np.generic]) -> None:
+        self.array[self._at : self._at + len(chunk)] = chunk
+        self._at += len(chunk)
+
+
+_BUILD_ROWS = 1 << 20
+"""Codes read, and sorted rows written, per step of a table build (bounds its temporaries)."""
+_BUILD_BUCKETS = 1 << 20
+"""Buckets counted per step of a table build."""
+
+
+def write_tables(
+    read: Callable[[int, int], npt.NDArray[np.generic]],
+    n: int,
+    widths: tuple[int, ...],
+    write_rows: Callable[[npt.NDArray[np.generic]], None],
+    write_offsets: Callable[[npt.NDArray[np.generic]], None],
+) -> None:
+    """Build the tables of an index over ``n`` codes and write them out front to back.
+
+    ``read(start, stop)`` gives codes ``[start, stop)`` (``uint8[k, 32]`` or
+    ``uint64[k, 4]``); the sorted rows of every table, then the offsets of
+    every table, are passed to the writers in order. The working memory is
+    one ``uint64`` per code (the table being sorted) plus chunks of about a
+    million entries, so a merge can write a new segment into files while the
+    old one still serves, without holding a second one in memory.
+    """
+    widths = tuple(sorted(widths, reverse=True))
+    starts = np.cumsum((0, *widths[:-1])).tolist()
+    dtype = offsets_dtype(widths, n)
+    low_half = 0 if sys.byteorder == "little" else 1
+    packed = np.empty(n, dtype=np.uint64)
+    for table, (start, width) in enumerate(zip(starts, widths, strict=True)):
+        for begin in range(0, n, _BUILD_ROWS):
+            chunk = as_codes(read(begin, begin + _BUILD_ROWS))
+            keys = _substring_keys(chunk, int(start), width)
+            keys <<= np.uint64(32)
+            keys |= np.arange(begin, begin + len(chunk), dtype=np.uint64)
+            packed[begin : begin + len(chunk)] = keys
+        # Sort (key, row) pairs packed in one uint64: numpy's SIMD sort is
+        # ~10x faster than an argsort, and ties stay in row order.
+        packed.sort()
+        halves = packed.view(np.uint32).reshape(-1, 2)
+        for begin in range(0, n, _BUILD_ROWS):
+            write_rows(np.ascontiguousarray(halves[begin : begin + _BUILD_ROWS, low_half]))
+        del halves
+        packed >>= np.uint64(32)  # now the sorted keys
+        # Bucket k of table t: offsets[base_t + k] is t * n plus the codes with a smaller key.
+        if table == 0:
+            write_offsets(np.zeros(1, dtype=dtype))
+        for low in range(0, 1 << width, _BUILD_BUCKETS):
+            high = min(low + _BUILD_BUCKETS, 1 << width)
+            edges = np.searchsorted(packed, np.array([low, high], dtype=np.uint64))
+            counts = np.bincount(
+                (packed[edges[0] : edges[1]] - np.uint64(low)).astype(np.intp), minlength=high - low
+            )
+            ends = np.cumsum(counts) + (table * n + int(edges[0]))
+            write_offsets(ends.astype(dtype))
+
+
 @dataclass(frozen=True)
 class _Plan:
     """How to answer one radius: probe these global offsets positions, or scan."""
@@ -275,7 +352,9 @@ class MihIndex:
         ids: npt.ArrayLike | None = None,
         *,
         widths: tuple[int, ...] | None = None,
+        tables: tuple[npt.NDArray[np.uint32], npt.NDArray[np.integer]] | None = None,
     ) -> None:
+        """Build the tables over ``codes``, or take ``tables`` already built (a mapped segment)."""
         self._codes = as_codes(codes)
         n = len(self._codes)
         if ids is None:
@@ -309,37 +388,26 @@ class MihIndex:
         self._key_mask = np.array([(1 << width) - 1 for width in widths], dtype=np.uint64)
         bases = np.cumsum((0, *(1 << width for width in widths[:-1]))).tolist()
         self._bases = np.array(bases, dtype=np.int64)
-        total_buckets = sum(1 << width for width in widths)
-        offsets_dtype = np.uint32 if len(widths) * n < 1 << 32 else np.int64
-        self._offsets = np.empty(total_buckets + 1, dtype=offsets_dtype)
-        self._sorted_rows = np.empty(len(widths) * n, dtype=np.uint32)
-        self._build()
+        if tables is None:
+            sorted_rows = _Filler(len(widths) * n, np.uint32)
+            offsets = _Filler(table_buckets(widths) + 1, offsets_dtype(widths, n))
+            write_tables(
+                lambda start, stop: self._codes[start:stop], n, widths, sorted_rows.write, offsets.write
+            )
+            self._sorted_rows, self._offsets = sorted_rows.array, offsets.array
+        else:
+            self._sorted_rows, self._offsets = tables
+            if self._sorted_rows.shape != (len(widths) * n,) or self._offsets.shape != (
+                table_buckets(widths) + 1,
+            ):
+                raise ValueError("the tables given do not fit these codes and widths")
         self._plans: dict[tuple[int, str], _Plan] = {}
         self._masks: dict[tuple[int, int], IntArray] = {}
         self._lock = threading.Lock()
 
-    def _build(self) -> None:
-        n = len(self._codes)
-        rows = np.arange(n, dtype=np.uint64)
-        low_half = 0 if sys.byteorder == "little" else 1
-        for table, (start, width) in enumerate(zip(self._starts, self.widths, strict=True)):
-            keys = _substring_keys(self._codes, start, width)
-            # Sort (key, row) pairs packed in one uint64: numpy's SIMD sort is
-            # ~10x faster than an argsort, and ties stay in row order.
-            packed = np.sort((keys << np.uint64(32)) | rows)
-            del keys
-            self._sorted_rows[table * n : (table + 1) * n] = packed.view(np.uint32).reshape(-1, 2)[
-                :, low_half
-            ]
-            sorted_keys = (packed >> np.uint64(32)).astype(np.intp)
-            del packed
-            counts = np.bincount(sorted_keys, minlength=1 << width)
-            del sorted_keys
-            # Table t's rows start at t * n in the concatenated sorted rows.
-            counts[0] += table * n
-            base = int(self._bases[table])
-            self._offsets[base] = table * n
-            np.cumsum(counts, out=self._offsets[base + 1 : base + (1 << width) + 1])
+    def tables(self) -> tuple[npt.NDArray[np.uint32], npt.NDArray[np.integer]]:
+        """The sorted rows and the offsets (what :func:`write_tables` writes, for ``tables=``)."""
+        return self._sorted_rows, self._offsets
 
     def __len__(self) -> int:
         return len(self._codes)

@@ -44,6 +44,7 @@ per cell a 16-dimension projection of its pivot and four numbers.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import faiss
 import numpy as np
@@ -89,6 +90,22 @@ PIVOT_SLACK = 8.0
 squared distances between 16-dimension projections computed in float32, where values stay
 below 2^24 and the rounding of inputs, 16 products and three sums stays under 32: at most
 sqrt(32) < 6 off even where the distance is near 0."""
+
+
+_BUILT_ARRAYS = (
+    "mean",
+    "directions",
+    "order",
+    "keys",
+    "fine_offsets",
+    "fine_min",
+    "fine_max",
+    "pivot_projections",
+    "pivot_projection_norms",
+    "pivot_residuals",
+    "projected",
+    "norms",
+)
 
 
 def choose_coarse_cells(n: int) -> int:
@@ -176,6 +193,28 @@ class PrunedL2Index:
             chunk = codes[start : start + _CHUNK].astype(np.int32)
             norms[start : start + len(chunk)] = np.einsum("ij,ij->i", chunk, chunk)
         self._norms = norms
+
+    def arrays(self) -> dict[str, npt.NDArray[np.generic]]:
+        """Everything built over the codes, as named arrays (a segment file keeps them beside the codes)."""
+        built = {name: getattr(self, f"_{name}") for name in _BUILT_ARRAYS}
+        return {**built, "coarse_count": np.array([self._coarse_count], dtype=np.int64)}
+
+    @classmethod
+    def from_arrays(cls, codes: Codes, arrays: Mapping[str, npt.NDArray[np.generic]]) -> PrunedL2Index:
+        """The index over ``codes`` whose :meth:`arrays` these are (mapped from a segment file)."""
+        missing = [name for name in (*_BUILT_ARRAYS, "coarse_count") if name not in arrays]
+        if missing or codes.ndim != 2 or len(codes) == 0:
+            raise ValueError(f"not a PhotoDNA segment: missing {missing}" if missing else "no codes")
+        index = cls.__new__(cls)
+        index._codes = codes
+        index._width = codes.shape[1]
+        index._limit = index._width * 255 * 255
+        for name in _BUILT_ARRAYS:
+            setattr(index, f"_{name}", arrays[name])
+        index._coarse_count = int(arrays["coarse_count"][0])
+        if len(index._order) != len(codes) or len(index._norms) != len(codes):
+            raise ValueError("the arrays were built over other codes")
+        return index
 
     @staticmethod
     def _projection(codes: Codes, seed: int) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:

@@ -14,13 +14,21 @@ segment from the live codes in a background thread. Lookups and updates go on
 meanwhile against the old segments; updates made during the merge are recorded
 and replayed onto the new segments when they are swapped in, under the lock,
 so nothing is lost and no lookup ever waits for the build.
+
+Given somewhere to write (``spill``), the large segment lives in files (see
+:mod:`~federation.index.segment_files`): a merge streams the merged codes and
+the engine's tables into a new segment directory and maps it, so the build
+holds the old segment plus a table's worth of temporaries rather than two
+segments, and other processes can map the same files. Without it (tests,
+tools, a disk that refused the write) the segment is built in memory.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -29,11 +37,16 @@ import numpy.typing as npt
 
 from .budget import MatchBudget
 from .engines import CodeFormat, FaissBinaryIndex, FlatL2Index, Match, check_max_distance, decode_hashes
-from .mih import MihIndex
+from .mih import MihIndex, choose_widths, offsets_dtype, table_buckets, write_tables
+from .segment_files import CODES, RowReader, Segment, SegmentBuilder
 
 Codes = npt.NDArray[np.uint8]
+Arrays = Mapping[str, npt.NDArray[np.generic]]
 DEFAULT_FRESH_LIMIT = 32_768
 """Hashes the fresh (flat, linearly scanned) segment takes before a merge starts."""
+_MERGE_ROWS = 1 << 20
+"""Codes of the old segment copied per step of a merge into files."""
+log = logging.getLogger("hashfed.index")
 
 
 class FreshEngine(Protocol):
@@ -61,6 +74,96 @@ class LargeEngine(Protocol):
         *,
         budget: MatchBudget | None = None,
     ) -> list[tuple[npt.NDArray[np.int64], npt.NDArray[np.int32]]]: ...
+
+
+class LargeKind(Protocol):
+    """How one engine is built over sorted codes: in memory, into a segment's files, or from them."""
+
+    def build(self, codes: Codes) -> LargeEngine: ...
+
+    def write(self, codes: RowReader, builder: SegmentBuilder) -> None: ...
+
+    def open(self, codes: Codes, arrays: Arrays) -> LargeEngine: ...
+
+
+class MihKind:
+    """Multi-index hashing; its tables are written a table at a time (see :func:`write_tables`)."""
+
+    def build(self, codes: Codes) -> LargeEngine:
+        return MihIndex(codes)
+
+    def write(self, codes: RowReader, builder: SegmentBuilder) -> None:
+        n = len(codes)
+        widths = choose_widths(n)
+        builder.put("widths", np.array(widths, dtype=np.int64))
+        rows = builder.stream("sorted_rows", np.uint32, (len(widths) * n,))
+        offsets = builder.stream("offsets", offsets_dtype(widths, n), (table_buckets(widths) + 1,))
+        write_tables(codes, n, widths, rows.write, offsets.write)
+        builder.done("sorted_rows")
+        builder.done("offsets")
+
+    def open(self, codes: Codes, arrays: Arrays) -> LargeEngine:
+        widths = tuple(int(width) for width in arrays["widths"])
+        sorted_rows = arrays["sorted_rows"]
+        offsets = arrays["offsets"]
+        if sorted_rows.dtype != np.uint32 or offsets.dtype != offsets_dtype(widths, len(codes)):
+            raise ValueError("the segment's tables have the wrong types")
+        return MihIndex(codes, widths=widths, tables=(sorted_rows, offsets))  # type: ignore[arg-type]
+
+
+class PrunedKind:
+    """The pruned L2 engine; built in memory over the mapped codes, then its arrays are written."""
+
+    def build(self, codes: Codes) -> LargeEngine:
+        from .pruned import PrunedL2Index
+
+        return PrunedL2Index(codes)
+
+    def write(self, codes: RowReader, builder: SegmentBuilder) -> None:
+        from .pruned import PrunedL2Index
+
+        mapped = np.load(codes.path, mmap_mode="r", allow_pickle=False)
+        for name, array in PrunedL2Index(mapped).arrays().items():
+            builder.put(name, np.ascontiguousarray(array))
+
+    def open(self, codes: Codes, arrays: Arrays) -> LargeEngine:
+        from .pruned import PrunedL2Index
+
+        return PrunedL2Index.from_arrays(codes, arrays)
+
+
+def write_segment(
+    builder: SegmentBuilder,
+    kind: LargeKind,
+    parts: list[tuple[Codes, npt.NDArray[np.bool_] | None]],
+    fresh: Codes,
+) -> Segment:
+    """Write the live codes of ``parts`` (sorted, unique, minus rows flagged deleted) merged with ``fresh``.
+
+    ``fresh`` holds no code of ``parts``. The codes are copied a million rows
+    at a time, so the merge never holds them all in memory at once.
+    """
+    width = fresh.shape[1]
+    extra = sorted_unique(fresh, width)
+    extra_keys = extra.view(f"V{width}").ravel()
+    count = len(extra) + sum(
+        len(codes) - (int(deleted.sum()) if deleted is not None else 0) for codes, deleted in parts
+    )
+    writer = builder.stream(CODES, np.uint8, (count, width))
+    taken = 0
+    for codes, deleted in parts:
+        for begin in range(0, len(codes), _MERGE_ROWS):
+            chunk = np.asarray(codes[begin : begin + _MERGE_ROWS])
+            live = chunk if deleted is None else chunk[~deleted[begin : begin + _MERGE_ROWS]]
+            last = chunk[-1:].view(f"V{width}").ravel()
+            upto = int(np.searchsorted(extra_keys, last, side="right")[0])
+            writer.write(merge_sorted(live, extra[taken:upto]))
+            taken = upto
+    writer.write(extra[taken:])
+    builder.done(CODES)
+    if count:
+        kind.write(builder.rows(CODES), builder)
+    return builder.finish()
 
 
 def _as_rows(raw: bytes, width: int) -> Codes:
@@ -97,11 +200,22 @@ class _Large:
     keys: npt.NDArray[np.void]
     index: LargeEngine | None
 
+    segment: Segment | None = None
+    """The files it is mapped from, if it was written to files."""
+
     @classmethod
-    def from_sorted(cls, ordered: Codes, engine: Callable[[Codes], LargeEngine]) -> _Large:
-        """A segment over codes already sorted as bytes and unique."""
+    def from_sorted(cls, ordered: Codes, kind: LargeKind) -> _Large:
+        """A segment built in memory over codes already sorted as bytes and unique."""
         width = ordered.shape[1]
-        return cls(ordered, ordered.view(f"V{width}").ravel(), engine(ordered) if len(ordered) else None)
+        return cls(ordered, ordered.view(f"V{width}").ravel(), kind.build(ordered) if len(ordered) else None)
+
+    @classmethod
+    def mapped(cls, segment: Segment, kind: LargeKind) -> _Large:
+        """A segment over files already written (its codes sorted and unique)."""
+        codes = segment.codes
+        width = codes.shape[1]
+        index = kind.open(codes, segment.arrays) if len(codes) else None
+        return cls(codes, codes.view(f"V{width}").ravel(), index, segment)
 
     def rows(self, codes: Codes) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.bool_]]:
         """Row of each code in the segment, and whether it is there at all."""
@@ -126,31 +240,62 @@ class SegmentedIndex:
         codes: Codes | None = None,
         *,
         fresh: Callable[[CodeFormat], FreshEngine],
-        large: Callable[[Codes], LargeEngine],
+        large: LargeKind,
         distance_limit: int,
         fresh_limit: int = DEFAULT_FRESH_LIMIT,
         background_merge: bool = True,
         on_merged: Callable[[float], None] | None = None,
+        spill: Callable[[], SegmentBuilder] | None = None,
+        segment: Segment | None = None,
     ) -> None:
+        """An index over ``codes`` (or over the mapped ``segment``); ``spill`` gives builders for segment files."""
         self.signal = signal
         self.fresh_limit = fresh_limit
         self.background_merge = background_merge
         self.on_merged = on_merged
         self.distance_limit = distance_limit
+        self.spill = spill
+        self.label = 0
+        """A log position the caller keeps here (the last one it fully applied); a merge records the
+        value current when it starts as the position its segment reflects at the latest."""
+        self.merged_label = 0
+        """``label`` as it was when the large segment now in use started being built."""
         self._width = signal.byte_length
         self._new_fresh = fresh
-        self._new_large = large
+        self._kind = large
         self._lock = threading.Lock()
-        empty = np.empty((0, self._width), np.uint8)
-        self._large = _Large.from_sorted(
-            sorted_unique(codes if codes is not None else empty, self._width), large
-        )
+        if segment is not None:
+            if segment.codes.shape[1] != self._width:
+                raise ValueError(f"the segment holds {segment.codes.shape[1]}-byte codes, not {self._width}")
+            self._large = _Large.mapped(segment, large)
+        else:
+            empty = np.empty((0, self._width), np.uint8)
+            ordered = sorted_unique(codes if codes is not None else empty, self._width)
+            self._large = self._build_large([(ordered, None)], empty)
         self._deleted = np.zeros(len(self._large.codes), dtype=np.bool_)
         self._hidden = 0
         self._fresh = fresh(signal)
         self._pending: list[tuple[bool, bytes]] | None = None
         self._merger: threading.Thread | None = None
         self.merges = 0
+
+    @property
+    def segment(self) -> Segment | None:
+        """The files the large segment is mapped from, or None when it lives in memory."""
+        with self._lock:
+            return self._large.segment
+
+    def _build_large(self, parts: list[tuple[Codes, npt.NDArray[np.bool_] | None]], fresh: Codes) -> _Large:
+        """A large segment of the live codes of ``parts`` and ``fresh``: in files if possible, else in memory."""
+        if self.spill is not None and (len(fresh) or any(len(codes) for codes, _ in parts)):
+            try:
+                with self.spill() as builder:
+                    return _Large.mapped(write_segment(builder, self._kind, parts, fresh), self._kind)
+            except OSError as exc:
+                log.warning("could not write the index segment to files (%s); building it in memory", exc)
+        live = [codes if deleted is None else codes[~deleted] for codes, deleted in parts]
+        ordered = live[0] if len(live) == 1 else np.concatenate(live)
+        return _Large.from_sorted(merge_sorted(ordered, fresh), self._kind)
 
     # ---- updates ----------------------------------------------------------
 
@@ -199,10 +344,10 @@ class SegmentedIndex:
             if self._merger is not None:
                 merger = self._merger
             else:
-                # The large segment's codes are immutable: with nothing hidden the
-                # merge reads them in place instead of copying 32 bytes per hash.
-                kept = self._large.codes if self._hidden == 0 else self._large.codes[~self._deleted]
-                parts = [(kept, self._fresh.codes())]
+                # The large segment's codes are immutable, and the bitmap is replaced, never
+                # changed: the merge reads both as they are now without copying them.
+                deleted = self._deleted if self._hidden else None
+                parts = [([(self._large.codes, deleted)], self._fresh.codes(), self.label)]
                 self._pending = []
                 merger = self._merger = threading.Thread(
                     target=self._build_and_swap, args=(parts,), name="hashfed-merge", daemon=True
@@ -211,15 +356,14 @@ class SegmentedIndex:
         if wait:
             merger.join()
 
-    def _build_and_swap(self, parts: list[tuple[Codes, Codes]]) -> None:
-        # Taken out of the list so the inputs can be freed before the index is
-        # built: at 10M hashes each is 320 MB, and a merge already holds two segments.
-        kept, fresh = parts.pop()
+    def _build_and_swap(
+        self, parts: list[tuple[list[tuple[Codes, npt.NDArray[np.bool_] | None]], Codes, int]]
+    ) -> None:
+        # Taken out of the list so the inputs can be freed once the segment is built.
+        old, fresh, label = parts.pop()
         started = time.perf_counter()
-        codes = merge_sorted(kept, fresh)
-        del kept, fresh
-        large = _Large.from_sorted(codes, self._new_large)
-        del codes
+        large = self._build_large(old, fresh)
+        del old, fresh
         with self._lock:
             pending = self._pending or []
             self._large = large
@@ -230,6 +374,7 @@ class SegmentedIndex:
                 self._apply(listed, raw)
             self._pending = None
             self._merger = None
+            self.merged_label = label
             self.merges += 1
         if self.on_merged is not None:
             self.on_merged(time.perf_counter() - started)
@@ -310,7 +455,7 @@ class SegmentedIndex:
             signal,
             codes,
             fresh=FaissBinaryIndex,
-            large=MihIndex,
+            large=MihKind(),
             distance_limit=signal.bits,
             **options,  # type: ignore[arg-type]
         )
@@ -318,13 +463,11 @@ class SegmentedIndex:
     @classmethod
     def l2(cls, signal: CodeFormat, codes: Codes | None = None, **options: object) -> SegmentedIndex:
         """Squared Euclidean radius: FAISS float flat (re-ranked) for fresh codes, a pruned exact search for the large."""
-        from .pruned import PrunedL2Index
-
         return cls(
             signal,
             codes,
             fresh=FlatL2Index,
-            large=PrunedL2Index,
+            large=PrunedKind(),
             distance_limit=signal.byte_length * 255 * 255,
             **options,  # type: ignore[arg-type]
         )

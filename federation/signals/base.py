@@ -210,7 +210,7 @@ class SignalType(ABC):
         return 0
 
     @abstractmethod
-    def new_index(self, codes: Any = None) -> SearchIndex:
+    def new_index(self, codes: Any = None, **options: Any) -> SearchIndex:
         """An empty index for this type's hashes (or one over saved ``codes``, see :attr:`snapshot_width`)."""
 
     def search(

@@ -21,7 +21,7 @@ class ExactSignal(SignalType):
     def distance(self, a: str, b: str) -> int:
         return 0 if a == b else 1
 
-    def new_index(self, codes: Any = None) -> SearchIndex:
+    def new_index(self, codes: Any = None, **options: Any) -> SearchIndex:
         from ..index.engines import ExactIndex
 
         return ExactIndex(self)

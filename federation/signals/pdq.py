@@ -49,10 +49,10 @@ class PdqSignal(SignalType):
     def default_max_distance(self, defaults: LookupDefaults) -> int:
         return defaults.pdq_max_distance
 
-    def new_index(self, codes: Any = None) -> SearchIndex:
+    def new_index(self, codes: Any = None, **options: Any) -> SearchIndex:
         from ..index.segmented import SegmentedIndex
 
-        return SegmentedIndex.binary(self, codes)
+        return SegmentedIndex.binary(self, codes, **options)
 
 
 PDQ = PdqSignal()

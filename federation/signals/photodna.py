@@ -75,10 +75,10 @@ class PhotoDnaSignal(SignalType):
     def default_max_distance(self, defaults: LookupDefaults) -> int:
         return defaults.photodna_max_distance
 
-    def new_index(self, codes: Any = None) -> SearchIndex:
+    def new_index(self, codes: Any = None, **options: Any) -> SearchIndex:
         from ..index.segmented import SegmentedIndex
 
-        return SegmentedIndex.l2(self, codes)
+        return SegmentedIndex.l2(self, codes, **options)
 
 
 def _from_decimals(value: str) -> str:

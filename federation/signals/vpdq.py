@@ -199,7 +199,7 @@ class VpdqSignal(SignalType):
         )
         return Query(self, video, self.resolve_max_distance(item, request_max_distance, defaults), detail)
 
-    def new_index(self, codes: Any = None) -> SearchIndex:
+    def new_index(self, codes: Any = None, **options: Any) -> SearchIndex:
         from ..index.videos import VideoIndex
 
         return VideoIndex(self, PDQ.new_index())
