@@ -139,3 +139,28 @@ def test_migrate_store_refuses_a_database_that_is_not_empty(tmp_path: Path, empt
     refused = hashfed("migrate-store", str(hub.data.path), "--to", empty_database)
     assert refused.returncode != 0 and "already holds collections" in refused.stderr, refused.stderr
     assert hub.data.config().database == ""  # hub.toml still names the SQLite file
+
+
+def test_a_bulk_append_leaves_the_planner_knowing_the_tables_are_large(
+    tmp_path: Path, empty_database: str
+) -> None:
+    """Without statistics the per-hash reads of the next append would filter the whole collection."""
+    hub = make_hub(tmp_path, "hub-a", {"acme": READ_WRITE}, empty_database)
+    node = open_node(hub.data)
+    node.submit(
+        COLLECTION,
+        envelope(hub.members["acme"], batch_doc("acme", [item("pdq", pdq(n)) for n in range(6_000)])),
+    )
+    node.store.close()
+    with psycopg.connect(empty_database) as conn:
+        (estimate,) = conn.execute("SELECT reltuples FROM pg_class WHERE relname = 'listings'").fetchone()
+        plan = "\n".join(
+            row[0]
+            for row in conn.execute(
+                "EXPLAIN SELECT hash, member FROM listings WHERE collection = %s AND type = %s "
+                "AND hash IN (%s, %s)",
+                (COLLECTION, "pdq", pdq(1), pdq(2)),
+            )
+        )
+    assert estimate >= 6_000
+    assert "Filter" not in plan, plan  # each hash is an index condition, not a filter over the collection

@@ -36,6 +36,9 @@ from .sql_txn import Connection, Cursor
 log = logging.getLogger("hashfed.store")
 
 CHANNEL = "hashfed_log"
+ANALYZE_MIN_ROWS = 5_000
+"""Rows written by this process before the first ANALYZE (then a fifth of what was analyzed)."""
+ANALYZED_TABLES = ("listings", "contents", "opinions", "changes", "entries", "tree", "seqs")
 """The notification channel every write transaction notifies, with the collection's name."""
 DEFAULT_POOL_SIZE = 8
 
@@ -105,6 +108,9 @@ class PostgresStore(SqlStore):
         super().__init__()
         self.url = url
         self._translated: dict[str, str] = {}
+        self._analyze_lock = threading.Lock()
+        self._analyzed = 0
+        self._unanalyzed = 0
         self._pool = _connect_pool(url, pool_size)
         try:
             with self._pool.connection() as conn:
@@ -155,6 +161,29 @@ class PostgresStore(SqlStore):
 
     def _written(self, conn: Connection, collection: str) -> None:
         conn.execute("SELECT pg_notify(?, ?)", (CHANNEL, collection))
+
+    def _committed(self, rows: int) -> None:
+        """ANALYZE the projection's tables once they have grown by a fifth since the last time.
+
+        The per-hash reads of an append (``hash IN (…)`` on a collection and
+        type) need the planner to know the tables are large: with the
+        statistics of an empty table it filters the hashes along the whole
+        (collection, type) range instead of looking each up, and a bulk
+        import slows down with every batch (10,000 items: 1.2 s at first,
+        20 s by the fifth batch, before this). Autovacuum analyzes too, but a
+        minute or more late.
+        """
+        with self._analyze_lock:
+            self._unanalyzed += rows
+            if self._unanalyzed < max(ANALYZE_MIN_ROWS, self._analyzed // 5):
+                return
+            self._analyzed += self._unanalyzed
+            self._unanalyzed = 0
+        try:
+            with self._connection() as conn:
+                conn.execute(f"ANALYZE {', '.join(ANALYZED_TABLES)}")
+        except psycopg.Error as exc:
+            log.warning("could not update the planner's statistics of %s: %s", redact(self.url), exc)
 
     # ---- replicas --------------------------------------------------------------
 

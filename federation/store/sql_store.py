@@ -69,6 +69,9 @@ class SqlStore(ABC):
     def _written(self, conn: Connection, collection: str) -> None:  # noqa: B027 - a hook, empty by default
         """Within a write transaction on ``collection``, just before it commits (PostgreSQL notifies)."""
 
+    def _committed(self, rows: int) -> None:  # noqa: B027 - a hook, empty by default
+        """After a write transaction that wrote ``rows`` rows committed (PostgreSQL keeps its statistics)."""
+
     @abstractmethod
     def close(self) -> None: ...
 
@@ -113,6 +116,7 @@ class SqlStore(ABC):
             yield txn
             txn.flush()
             self._written(conn, collection)
+        self._committed(txn.rows_written)
 
     @contextmanager
     def rebuild(self, collection: str) -> Iterator[SqlTxn]:
@@ -126,6 +130,7 @@ class SqlStore(ABC):
             yield txn
             txn.flush()
             self._written(conn, collection)
+        self._committed(txn.rows_written)
 
     # ---- the log -------------------------------------------------------------
 
@@ -302,6 +307,7 @@ class SqlStore(ABC):
             yield txn
             txn.flush()
             self._written(conn, record.name)
+        self._committed(txn.rows_written)
 
     def add_evidence(self, name: str, detected: str, body: str) -> None:
         """Keep fork evidence for a source and stop it, in one transaction."""

@@ -120,10 +120,13 @@ class SqlTxn:
         self._size = size
         self._ordinal = 0
         self._pending: list[tuple[str, list[Sequence[Any]]]] = []
+        self.rows_written = 0
+        """Rows this transaction wrote (inserted, replaced or deleted one at a time)."""
         self._listers: dict[tuple[str, str], set[str]] = {}
         """Members listing each (type, hash) read ahead, kept current by this transaction's writes."""
 
     def _write(self, sql: str, parameters: Sequence[Any]) -> None:
+        self.rows_written += 1
         if self._pending and self._pending[-1][0] == sql:
             self._pending[-1][1].append(parameters)
         else:
