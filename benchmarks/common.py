@@ -115,3 +115,21 @@ def write_section(name: str, section: str) -> None:
         text = text.rstrip("\n") + "\n\n" + block
     DOCS.write_text(text, encoding="utf-8")
     print(f"wrote {DOCS}", file=sys.stderr)
+
+
+def command_line(module: str, argv: Sequence[str]) -> str:
+    """How this run was started, for the report, with the value of ``--dir`` (a local path) as DIR."""
+    shown: list[str] = []
+    hide_next = False
+    for arg in argv:
+        if hide_next:
+            shown.append("DIR")
+            hide_next = False
+        elif arg == "--dir":
+            shown.append(arg)
+            hide_next = True
+        elif arg.startswith("--dir="):
+            shown.append("--dir=DIR")
+        else:
+            shown.append(arg)
+    return " ".join(["python -m", module, *shown])

@@ -250,6 +250,23 @@ def build_hub(
     return data, hexes(make_queries(corpus, codes, 10_000, seed=2).codes)  # type: ignore[arg-type]
 
 
+def build_or_reuse_hub(
+    directory: Path, size: int, corpus: str, members: Sequence[SignerKey]
+) -> tuple[DataDir, list[str]]:
+    """:func:`build_hub`, or, when ``directory`` already holds one an earlier run built, that hub
+    with ``members`` granted too (its corpus is made again for the queries: same seed, same codes)."""
+    if not (directory / "hub.toml").exists():
+        print(f"building a hub with {size:,} hashes in {directory}", file=sys.stderr)
+        return build_hub(directory, size, corpus, members)
+    print(f"reusing the hub in {directory}", file=sys.stderr)
+    data = DataDir(directory)
+    change_membership(
+        data, COLLECTION, grant=[Grant(m.verifier, frozenset({"read", "write"})) for m in members]
+    )
+    codes = make_corpus(corpus, size, seed=1)  # type: ignore[arg-type]
+    return data, hexes(make_queries(corpus, codes, 10_000, seed=2).codes)  # type: ignore[arg-type]
+
+
 async def measure_own_hub(
     args: argparse.Namespace, data: DataDir, members: list[SignerKey], queries: list[str]
 ) -> list[Outcome]:

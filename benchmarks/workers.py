@@ -36,8 +36,8 @@ from typing import Any
 
 import aiohttp
 
-from benchmarks.common import DOCS, free_port, serving, write_docs_section
-from benchmarks.load import build_hub, percentile
+from benchmarks.common import DOCS, command_line, free_port, serving, write_docs_section
+from benchmarks.load import build_or_reuse_hub, percentile
 from federation.httpsig import sign_request
 from federation.keys import SignerKey
 
@@ -63,9 +63,18 @@ def worker_pids(supervisor: int) -> list[int]:
 
 
 def generate(
-    url: str, keys: list[str], queries: list[str], clients: int, seconds: float, batch: int, out: Any
+    url: str | list[str],
+    keys: list[str],
+    queries: list[str],
+    clients: int,
+    seconds: float,
+    batch: int,
+    out: Any,
 ) -> None:
-    """The load generator (a child process): pre-signed lookups from ``clients`` connections."""
+    """The load generator (a child process): pre-signed lookups from ``clients`` connections.
+
+    With several URLs (replicas), client ``i`` sends to URL ``i`` modulo their number."""
+    urls = [url] if isinstance(url, str) else url
     signers = [SignerKey.parse(text) for text in keys]
     expected = int(seconds * 4_000 / batch) + clients * 10
     prepared: list[list[tuple[bytes, dict[str, str]]]] = []
@@ -89,13 +98,13 @@ def generate(
         by_worker: dict[str, int] = {}
         deadline = time.perf_counter() + seconds
 
-        async def client(requests: list[tuple[bytes, dict[str, str]]]) -> None:
+        async def client(target: str, requests: list[tuple[bytes, dict[str, str]]]) -> None:
             async with aiohttp.ClientSession() as session:
                 for body, headers in requests:
                     if time.perf_counter() >= deadline:
                         return
                     began = time.perf_counter()
-                    async with session.post(url + "/v1/lookup", data=body, headers=headers) as response:
+                    async with session.post(target + "/v1/lookup", data=body, headers=headers) as response:
                         await response.read()
                         statuses[response.status] = statuses.get(response.status, 0) + 1
                         worker = response.headers.get("Hashfed-Worker", "0")
@@ -105,7 +114,9 @@ def generate(
 
         cpu_before = resource.getrusage(resource.RUSAGE_SELF)
         began = time.perf_counter()
-        await asyncio.gather(*(client(requests) for requests in prepared))
+        await asyncio.gather(
+            *(client(urls[number % len(urls)], requests) for number, requests in enumerate(prepared))
+        )
         elapsed = time.perf_counter() - began
         cpu_after = resource.getrusage(resource.RUSAGE_SELF)
         cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
@@ -138,11 +149,20 @@ async def until_ready(url: str, workers: int) -> None:
 
 
 def measure(
-    url: str, supervisor: int, keys: list[str], queries: list[str], clients: int, seconds: float, batch: int
+    url: str | list[str],
+    supervisor: int | list[int],
+    keys: list[str],
+    queries: list[str],
+    clients: int,
+    seconds: float,
+    batch: int,
 ) -> dict[str, Any]:
+    """Run the load generator against ``url`` (or several); the hub's CPU is that of ``supervisor``'s workers
+    (or of each of several supervisors)."""
     context = multiprocessing.get_context("spawn")
     out = context.Queue()
-    pids = worker_pids(supervisor)
+    supervisors = [supervisor] if isinstance(supervisor, int) else supervisor
+    pids = [pid for each in supervisors for pid in worker_pids(each)]
     process = context.Process(target=generate, args=(url, keys, queries, clients, seconds, batch, out))
     process.start()
     # the generator signs first; hub CPU is counted over the whole run, signing excluded as best we can
@@ -213,17 +233,18 @@ def main() -> int:
     parser.add_argument(
         "--workers", type=int, nargs="+", default=[1, 2, 4], help="worker counts (default 1 2 4)"
     )
-    parser.add_argument("--dir", type=Path, help="keep the hub here (default: a temporary directory)")
+    parser.add_argument(
+        "--dir", type=Path, help="keep the hub here, or reuse the one there (default: a temporary directory)"
+    )
     parser.add_argument("--write-docs", action="store_true", help=f"write the figures into {DOCS.name}")
     args = parser.parse_args()
-    command = "python -m benchmarks.workers " + " ".join(sys.argv[1:])
+    command = command_line("benchmarks.workers", sys.argv[1:])
     members = [SignerKey.generate(f"client{n}") for n in range(8)]
     keys = [member.encode() for member in members]
     rows: list[tuple[str, int, int, dict[str, Any]]] = []
     with tempfile.TemporaryDirectory(prefix="hashfed-workers-bench-") as scratch:
         directory = args.dir or Path(scratch) / "hub"
-        print(f"building a hub with {args.size:,} hashes in {directory}", file=sys.stderr)
-        data, queries = build_hub(directory, args.size, "realistic", members)
+        data, queries = build_or_reuse_hub(directory, args.size, "realistic", members)
         for label, clients, batch in (("single hash", args.clients, 1), ("batched", 4, args.batch)):
             for workers in args.workers:
                 port = free_port()

@@ -285,9 +285,9 @@ class IndexCatalog:
             ]
             self._unsaved.discard(collection)
         for name, index in indexes:
-            if len(index) or index.segment is not None:
+            if index.unmerged or (len(index) and index.segment is None):
                 index.merge(wait=True)
-                self._publish(collection, name, index)
+            self._publish(collection, name, index)
 
     def retry_snapshots(self) -> None:
         """Save again the snapshots that failed (a disk that was full or read-only)."""

@@ -259,9 +259,9 @@ class _Filler:
         self._at += len(chunk)
 
 
-_BUILD_ROWS = 1 << 20
+_BUILD_ROWS = 1 << 18
 """Codes read, and sorted rows written, per step of a table build (bounds its temporaries)."""
-_BUILD_BUCKETS = 1 << 20
+_BUILD_BUCKETS = 1 << 18
 """Buckets counted per step of a table build."""
 
 
@@ -277,8 +277,8 @@ def write_tables(
     ``read(start, stop)`` gives codes ``[start, stop)`` (``uint8[k, 32]`` or
     ``uint64[k, 4]``); the sorted rows of every table, then the offsets of
     every table, are passed to the writers in order. The working memory is
-    one ``uint64`` per code (the table being sorted) plus chunks of about a
-    million entries, so a merge can write a new segment into files while the
+    one ``uint64`` per code (the table being sorted) plus chunks of
+    ``_BUILD_ROWS`` entries, so a merge can write a new segment into files while the
     old one still serves, without holding a second one in memory.
     """
     widths = tuple(sorted(widths, reverse=True))

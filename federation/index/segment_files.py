@@ -290,18 +290,28 @@ class SnapshotFiles:
     def load(self, collection: str, signal: str, width: int) -> SavedSegment | None:
         """The published segment, mapped, or None if there is none or it is unusable.
 
-        Loading happens before this process can be building a segment of the
-        same collection, so leftovers of a build that was killed are removed
-        here (a build by another process of this hub uses its own name).
+        Another process may publish a newer segment (and delete this one)
+        while it is being read: then the newer one is read instead.
         """
+        for _ in range(3):
+            meta = self._meta(self.meta_path(collection, signal))
+            if meta is None:
+                return None
+            try:
+                return self._load(collection, signal, width, meta)
+            except (OSError, ValueError, EOFError) as exc:
+                if self._meta(self.meta_path(collection, signal)) == meta:
+                    log.warning(
+                        "ignoring the unusable index snapshot of %s (%s): %s", collection, signal, exc
+                    )
+                    return None
+        return None
+
+    def _load(self, collection: str, signal: str, width: int, meta: dict[str, object]) -> SavedSegment:
         stem = self._stem(collection, signal)
-        for stale in self.directory.glob(f".{stem}.json.*.tmp"):
-            stale.unlink(missing_ok=True)
-        meta = self._meta(self.meta_path(collection, signal))
-        if meta is None:
-            return None
         files = meta.get("files")
         name = meta.get("segment")
+        position = meta.get("position")
         if (
             meta.get("checksum") != _sealed(meta).get("checksum")
             or (meta.get("format"), meta.get("collection"), meta.get("signal"))
@@ -310,34 +320,24 @@ class SnapshotFiles:
             or CODES not in files
             or not isinstance(name, str)
             or not name.startswith(f"{stem}.")
+            or not isinstance(position, int)
         ):
-            log.warning(
-                "ignoring the index snapshot of %s (%s): its metadata is damaged or stale", collection, signal
-            )
-            return None
+            raise ValueError("its metadata is damaged or stale")
         path = self.directory / name
-        position = meta.get("position")
-        try:
-            for file, checksum in files.items():
-                if _file_sha256(path / f"{file}.npy") != checksum:
-                    raise ValueError(f"{file}.npy does not match its checksum")
-            segment = _map(path, {str(file): str(checksum) for file, checksum in files.items()})
-        except (OSError, ValueError, EOFError) as exc:
-            log.warning("ignoring the unusable index snapshot of %s (%s): %s", collection, signal, exc)
-            return None
-        if (
-            not isinstance(position, int)
-            or segment.codes.shape[1] != width
-            or len(segment.codes) != meta.get("count")
-        ):
-            log.warning("ignoring the unusable index snapshot of %s (%s)", collection, signal)
-            return None
+        for file, checksum in files.items():
+            if _file_sha256(path / f"{file}.npy") != checksum:
+                raise ValueError(f"{file}.npy does not match its checksum")
+        segment = _map(path, {str(file): str(checksum) for file, checksum in files.items()})
+        if segment.codes.shape[1] != width or len(segment.codes) != meta.get("count"):
+            raise ValueError(f"it holds {len(segment.codes)} codes of {segment.codes.shape[1]} bytes")
         return SavedSegment(position, segment)
 
     def remove_unfinished(self) -> None:
-        """Delete segment builds a killed process left behind (call before any build starts)."""
+        """Delete what a killed build or publication left behind (call before this process builds any)."""
         if not self.directory.exists():
             return
+        for stale in self.directory.glob(".*.json.*.tmp"):
+            stale.unlink(missing_ok=True)
         for path in self.directory.glob(".build-*"):
             shutil.rmtree(path, ignore_errors=True)
 

@@ -44,7 +44,7 @@ Codes = npt.NDArray[np.uint8]
 Arrays = Mapping[str, npt.NDArray[np.generic]]
 DEFAULT_FRESH_LIMIT = 32_768
 """Hashes the fresh (flat, linearly scanned) segment takes before a merge starts."""
-_MERGE_ROWS = 1 << 20
+_MERGE_ROWS = 1 << 18
 """Codes of the old segment copied per step of a merge into files."""
 log = logging.getLogger("hashfed.index")
 
@@ -140,7 +140,7 @@ def write_segment(
 ) -> Segment:
     """Write the live codes of ``parts`` (sorted, unique, minus rows flagged deleted) merged with ``fresh``.
 
-    ``fresh`` holds no code of ``parts``. The codes are copied a million rows
+    ``fresh`` holds no code of ``parts``. The codes are copied ``_MERGE_ROWS`` rows
     at a time, so the merge never holds them all in memory at once.
     """
     width = fresh.shape[1]
@@ -421,6 +421,12 @@ class SegmentedIndex:
     def __len__(self) -> int:
         with self._lock:
             return len(self._large.codes) - self._hidden + len(self._fresh)
+
+    @property
+    def unmerged(self) -> int:
+        """Changes a merge would fold in: hashes in the fresh segment plus rows hidden in the large one."""
+        with self._lock:
+            return len(self._fresh) + self._hidden
 
     def segment_sizes(self) -> dict[str, int]:
         """Live hashes in the large (immutable) segment and in the fresh one."""
