@@ -16,9 +16,10 @@ Each setup is a fresh hub, each replica one process (``hashfed serve
   looked up at the other at once, again and again until found; the time
   from the 2xx to the first answer that holds it.
 
-Without ``--database`` (or ``HASHFED_BENCH_POSTGRES``) it starts a
-throw-away server with Debian's ``initdb`` (as the tests do), with
-``fsync`` off; say which in the report.
+Each PostgreSQL setup gets a fresh database on the server ``--database``
+(or ``HASHFED_BENCH_POSTGRES``) names, which must allow CREATE DATABASE;
+without one it starts a throw-away server with Debian's ``initdb`` (as the
+tests do), with ``fsync`` off. The report says which.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import asyncio
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,6 +46,7 @@ from federation.client import HubClient
 from federation.config import DataDir
 from federation.envelope import Addition, Grant
 from federation.keys import SignerKey
+from tests.postgres_server import PostgresServer, start_postgres
 
 COLLECTION = "main"
 BATCH = 10_000
@@ -189,7 +190,9 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=1_000_000, help="PDQ hashes per hub (default 1,000,000)")
     parser.add_argument("--seconds", type=float, default=20.0, help="length of each lookup run (default 20)")
     parser.add_argument("--rounds", type=int, default=100, help="visibility rounds (default 100)")
-    parser.add_argument("--database", help="a PostgreSQL server's URL (its database is used for the hub)")
+    parser.add_argument(
+        "--database", help="a PostgreSQL server's URL (a fresh database is made there for each setup)"
+    )
     parser.add_argument("--write-docs", action="store_true", help=f"write the figures into {DOCS.name}")
     args = parser.parse_args()
     command = "python -m benchmarks.replicas " + " ".join(
@@ -198,49 +201,29 @@ def main() -> int:
     codes = hexes(make_corpus("uniform", args.size, seed=1))  # type: ignore[arg-type]
     queries = hexes(make_corpus("uniform", 10_000, seed=2))  # type: ignore[arg-type]
     rows = []
-    with tempfile.TemporaryDirectory(prefix="hashfed-replicas-bench-") as scratch:
-        rows.append(run_setup("SQLite, one process", "", 1, Path(scratch), codes, queries, args))
-        server_url = args.database or os.environ.get(ENVIRONMENT)
-        started = None
-        if not server_url:
-            from tests.postgres_server import start_postgres
-
-            started = start_postgres()
-            if started is None:
-                raise SystemExit("no PostgreSQL: pass --database URL (or install Debian's postgresql)")
-        try:
+    given = args.database or os.environ.get(ENVIRONMENT)
+    postgres = PostgresServer(given) if given else start_postgres()
+    if postgres is None:
+        raise SystemExit("no PostgreSQL: pass --database URL (or install Debian's postgresql)")
+    try:
+        with tempfile.TemporaryDirectory(prefix="hashfed-replicas-bench-") as scratch:
+            rows.append(run_setup("SQLite, one process", "", 1, Path(scratch), codes, queries, args))
             for replicas in (1, 2):
-                if started is not None:
-                    with started.fresh_database() as url:
-                        label = f"PostgreSQL, {replicas} replica{'s' if replicas > 1 else ''}"
-                        rows.append(run_setup(label, url, replicas, Path(scratch), codes, queries, args))
-                else:
-                    assert server_url is not None
-                    reset(server_url)
-                    label = f"PostgreSQL, {replicas} replica{'s' if replicas > 1 else ''}"
-                    rows.append(run_setup(label, server_url, replicas, Path(scratch), codes, queries, args))
-        finally:
-            if started is not None:
-                started.stop()
+                label = f"PostgreSQL, {replicas} replica{'s' if replicas > 1 else ''}"
+                with postgres.fresh_database() as url:
+                    rows.append(run_setup(label, url, replicas, Path(scratch), codes, queries, args))
+    finally:
+        postgres.stop()
     server = (
-        "a throw-away server started for the run, fsync and synchronous_commit off"
-        if started is not None
-        else "the server given"
+        "the server given"
+        if given
+        else "a throw-away server started for the run, fsync and synchronous_commit off"
     )
     section = report(args.size, rows, command, server)
     print(section)
     if args.write_docs:
         write_docs_section("bench_replicas", "Replicas on PostgreSQL", section)
     return 0
-
-
-def reset(url: str) -> None:
-    """Empty the given database (the benchmark makes a fresh hub in it for each setup)."""
-    subprocess.run(
-        ["psql", url, "-q", "-c", "DROP SCHEMA public CASCADE; CREATE SCHEMA public;"],
-        check=True,
-        capture_output=True,
-    )
 
 
 if __name__ == "__main__":
