@@ -40,6 +40,7 @@ import base64
 import hashlib
 import heapq
 import hmac
+import re
 import secrets
 import threading
 import time
@@ -85,9 +86,12 @@ class SignatureRefused(Exception):
 # --- the signature base ----------------------------------------------------
 
 
+_NOT_VISIBLE_ASCII = re.compile(r"[^\t -~]")
+
+
 def _checked(name: str, value: str) -> str:
     """Refuse component values that would change the shape of the signature base."""
-    if any(not (" " <= char <= "~" or char == "\t") for char in value):
+    if _NOT_VISIBLE_ASCII.search(value):
         raise ValueError(
             f"the {name} value {value!r} holds characters other than visible ASCII; "
             "send the path and query percent-encoded"

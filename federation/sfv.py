@@ -73,6 +73,7 @@ _MAX_INTEGER_DIGITS = 15
 _KEY = re.compile(r"[a-z*][a-z0-9_\-.*]*")
 _PLAIN_STRING = re.compile(r'"([ !#-\[\]-~]*)"')
 _INTEGER = re.compile(r"-?[0-9]{1,15}(?![0-9.])")
+_BASE64_TEXT = re.compile(r"[A-Za-z0-9+/=]*")
 _TOKEN = re.compile(r"[A-Za-z*][A-Za-z0-9!#$%&'*+\-.^_`|~:/]*")
 
 
@@ -272,7 +273,7 @@ class _Parser:
         if end < 0:
             raise self.fail("a byte sequence is not closed with ':'")
         encoded = self.text[self.pos : end]
-        if any(char not in _BASE64 for char in encoded):
+        if not _BASE64_TEXT.fullmatch(encoded):
             raise self.fail("a byte sequence holds standard base64 only")
         # RFC 8941 §4.2.7: parsers should not fail on missing "=" padding.
         if "=" not in encoded:

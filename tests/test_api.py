@@ -541,6 +541,34 @@ async def test_one_result_per_query_in_order(hub: Hub) -> None:
     assert await hub.matches([]) == []
 
 
+async def test_concurrent_lookups_each_get_their_own_answer_or_refusal(hub: Hub) -> None:
+    """Lookups arriving together are answered in batches; one's refusal is never another's."""
+    listed = [pdq(230 + n) for n in range(6)]
+    await hub.submit("acme", batch_doc("acme", [item("pdq", h, [f"n{n}"]) for n, h in enumerate(listed)]))
+    stranger = SignerKey.generate("stranger")
+    asks = [
+        hub.lookup([("pdq", flip(h, n))], who) for n, h in enumerate(listed) for who in ("reader", "acme")
+    ]
+    asks += [
+        hub.lookup([("pdq", listed[0])], stranger),
+        hub.lookup([("pdq", listed[0])], "reader", max_distance=999),
+        hub.lookup([("pdq", listed[0])], "reader", collections=["nowhere"]),
+    ]
+    replies = await asyncio.gather(*asks)
+    for n in range(6):
+        for reply in replies[2 * n : 2 * n + 2]:
+            assert reply.status == 200, reply.text
+            [[match]] = [r["matches"] for r in reply.json()["results"]]
+            assert (match["hash"], match["distance"], match["labels"]) == (listed[n], n, [f"n{n}"])
+    refused = replies[12:]
+    assert [r.status for r in refused] == [401, 400, 404]
+    assert [r.json()["type"].rsplit(":", 1)[-1] for r in refused] == [
+        "bad-request-signature",
+        "invalid-max-distance",
+        "unknown-collection",
+    ]
+
+
 async def test_lookup_collections_default_to_every_readable_one(hub: Hub) -> None:
     acme, reader = hub.members["acme"], hub.members["reader"]
     add_collection(

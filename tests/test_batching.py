@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from federation.hub.batching import LookupBatcher
+from federation.hub.batching import LookupBatcher, RequestBatches
 from federation.index.budget import MatchBudget
 from federation.node import Match
 from federation.signals import PDQ, Query
@@ -102,3 +104,84 @@ def test_a_failed_search_fails_every_request_in_its_batch_and_the_next_ones_stil
         batcher.lookup(["main"], [Query(PDQ, "0" * 64, 31)])
     failing.clear()
     assert batcher.lookup(["main"], [Query(PDQ, "0" * 64, 31)]).results == [[]]
+
+
+def test_lookups_of_one_batch_are_searched_together_per_collection_set_within_the_cap() -> None:
+    calls: list[tuple[tuple[str, ...], int]] = []
+
+    def search(
+        collections: Sequence[str], queries: Sequence[Query], budget: MatchBudget
+    ) -> list[list[Match]]:
+        calls.append((tuple(collections), len(queries)))
+        return _three_each(collections, queries, budget)
+
+    batcher = LookupBatcher(search, max_combined=6, max_matches_per_query=2, max_matches_per_answer=5)
+    lookups = [(["main"], [Query(PDQ, f"{n:064x}", 31)] * 4) for n in range(3)]
+    lookups.insert(1, (["other"], [Query(PDQ, "f" * 64, 31)]))
+    answers = batcher.lookup_many(lookups)
+    # Three lookups of 4 queries for "main" with room for 6: no two fit together.
+    assert sorted(calls) == [(("main",), 4)] * 3 + [(("other",), 1)]
+    for (_, queries), answer in zip(lookups, answers, strict=True):
+        assert not isinstance(answer, BaseException)
+        assert [len(matches) for matches in answer.results] == ([2, 2, 1, 0] if len(queries) == 4 else [2])
+        assert {m.hash for matches in answer.results for m in matches} == {queries[0].hash}
+
+
+def test_a_failed_search_in_a_batch_fails_only_the_lookups_it_answered() -> None:
+    def search(
+        collections: Sequence[str], queries: Sequence[Query], budget: MatchBudget
+    ) -> list[list[Match]]:
+        if collections[0] == "broken":
+            raise RuntimeError("index unavailable")
+        return [[] for _ in queries]
+
+    answers = LookupBatcher(search).lookup_many(
+        [(["broken"], [Query(PDQ, "0" * 64, 31)]), (["main"], [Query(PDQ, "0" * 64, 31)])]
+    )
+    assert isinstance(answers[0], RuntimeError)
+    assert not isinstance(answers[1], BaseException) and answers[1].results == [[]]
+
+
+async def test_requests_queued_while_a_batch_runs_form_the_next_batch_and_keep_their_own_outcomes() -> None:
+    seen: list[list[int]] = []
+    release = threading.Event()
+
+    def handle(items: list[int]) -> list[str | BaseException]:
+        seen.append(items)
+        release.wait(5)
+        return [ValueError(f"refused {n}") if n % 3 == 0 else f"answer {n}" for n in items]
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        batches = RequestBatches(handle, pool, max_items=4)
+        first = asyncio.ensure_future(batches.submit(1))
+        await asyncio.sleep(0.05)  # the first batch is running, holding only request 1
+        rest = [asyncio.ensure_future(batches.submit(n)) for n in range(2, 8)]
+        await asyncio.sleep(0.05)
+        release.set()
+        outcomes = await asyncio.gather(first, *rest, return_exceptions=True)
+    assert seen == [[1], [2, 3, 4, 5], [6, 7]]
+    assert [str(outcome) for outcome in outcomes] == [
+        "answer 1",
+        "answer 2",
+        "refused 3",
+        "answer 4",
+        "answer 5",
+        "refused 6",
+        "answer 7",
+    ]
+    assert isinstance(outcomes[2], ValueError) and batches.batches == 3 and batches.items == 7
+
+
+async def test_a_caller_that_went_away_does_not_stop_the_batches_behind_it() -> None:
+    def handle(items: list[int]) -> list[int | BaseException]:
+        time.sleep(0.05)
+        return [n * 10 for n in items]
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        batches = RequestBatches(handle, pool)
+        leaving = asyncio.ensure_future(batches.submit(1))
+        await asyncio.sleep(0.01)
+        staying = asyncio.ensure_future(batches.submit(2))
+        leaving.cancel()
+        assert await staying == 20
+        assert await batches.submit(3) == 30

@@ -9,7 +9,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -17,7 +17,7 @@ from ..config import HubConfig
 from ..console.access import ConsoleAccess
 from ..node import Node
 from ..sync.peering import Peering
-from .batching import LookupBatcher
+from .batching import LookupBatcher, RequestBatches
 from .limits import ADMISSION, Admission, Guard, RequestGuard, handler_args, limit_middlewares, rate_limiter
 from .metrics import METRICS, HubMetrics, metrics_middleware
 from .problems import MAX_BODY, problem_middleware
@@ -52,6 +52,8 @@ class HubRuntime:
         )
     )
     batcher: LookupBatcher | None = None
+    lookups: RequestBatches[Any, bytes] | None = None
+    """Small lookups queued for the next batch (set with the routes)."""
     streams: StreamSlots = field(init=False)
     """Slots for entries requests, apart from admission (see :mod:`.sending`)."""
     deadline: SendDeadline = field(init=False)

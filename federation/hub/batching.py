@@ -1,21 +1,29 @@
-"""Micro-batching of concurrent lookups: many small requests, one index search.
+"""Micro-batching of concurrent lookups: many small requests, one trip to a thread, one index search.
 
-Requests for the same collections that arrive while a search
-for them is running wait, and the next search answers all of them at once
-(the way a database commits a group of transactions together). A request that
-finds nothing running starts at once, so a lone request never waits for
-company; batches form only under load, exactly when they pay.
+Requests that arrive while a batch is running wait, and the next batch
+answers all of them at once (the way a database commits a group of
+transactions together). A request that finds nothing running starts at once,
+so a lone request never waits for company; batches form only under load,
+exactly when they pay.
 
-Lookups run in worker threads, so this is plain blocking code: the first
-request of a group leads (runs the search), the others wait on an event and
-are either answered or promoted to lead the next search.
+Two halves. :class:`RequestBatches` is the event loop's: it hands whatever
+queued meanwhile to a worker thread in one call, so a busy hub makes one
+thread hop per batch instead of one per request (each hop costs a thread
+wake-up and a round of GIL hand-offs, more than a small search does).
+:class:`LookupBatcher` is the threads': plain blocking code that searches the
+lookups of a batch for the same collections together, each request keeping
+its own match bounds; a thread that calls :meth:`LookupBatcher.lookup` alone
+(the console) joins whatever search for its collections is running.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 from ..index.budget import DEFAULT_MAX_MATCHES_PER_ANSWER, DEFAULT_MAX_MATCHES_PER_QUERY, MatchBudget
 from ..node import Match
@@ -23,6 +31,73 @@ from ..signals import Query
 
 Search = Callable[[Sequence[str], Sequence[Query], MatchBudget], list[list[Match]]]
 GroupKey = tuple[str, ...]
+Item = TypeVar("Item")
+Outcome = TypeVar("Outcome")
+
+
+class RequestBatches(Generic[Item, Outcome]):
+    """Runs ``handle`` in ``executor`` over the items that queued while the previous batch ran.
+
+    ``handle`` gets a list of items and gives one outcome per item, in order:
+    a value, or the exception that item's caller is to raise. One batch runs
+    at a time, of at most ``max_items``; call :meth:`submit` on the event loop.
+    """
+
+    def __init__(
+        self,
+        handle: Callable[[list[Item]], list[Outcome | BaseException]],
+        executor: Executor,
+        max_items: int = 64,
+    ) -> None:
+        if max_items < 1:
+            raise ValueError("a batch holds at least one item")
+        self._handle = handle
+        self._executor = executor
+        self.max_items = max_items
+        self._waiting: list[tuple[Item, asyncio.Future[Outcome]]] = []
+        self._running = False
+        self.batches = 0
+        self.items = 0
+
+    async def submit(self, item: Item) -> Outcome:
+        """The outcome of ``item``, handled together with whatever else is waiting."""
+        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self._waiting.append((item, future))
+        if not self._running:
+            self._start()
+        return await future
+
+    def _start(self) -> None:
+        batch = self._waiting[: self.max_items]
+        del self._waiting[: self.max_items]
+        self._running = True
+        self.batches += 1
+        self.items += len(batch)
+        items = [item for item, _ in batch]
+        running = asyncio.get_running_loop().run_in_executor(self._executor, self._handle, items)
+        running.add_done_callback(lambda done: self._finish(batch, done))
+
+    def _finish(
+        self,
+        batch: list[tuple[Item, asyncio.Future[Outcome]]],
+        done: asyncio.Future[list[Outcome | BaseException]],
+    ) -> None:
+        self._running = False
+        try:
+            outcomes: list[Outcome | BaseException] = done.result()
+            if len(outcomes) != len(batch):
+                raise RuntimeError(f"a batch of {len(batch)} items gave {len(outcomes)} outcomes")
+        except BaseException as exc:  # the whole batch failed: every caller hears why
+            outcomes = [exc] * len(batch)
+        for (_, future), outcome in zip(batch, outcomes, strict=True):
+            if future.done():  # its caller went away (a closed connection)
+                continue
+            if isinstance(outcome, BaseException):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
+        if self._waiting:
+            self._start()
 
 
 @dataclass(frozen=True)
@@ -102,6 +177,34 @@ class LookupBatcher:
                 self._running.discard(key)
         return request.outcome()
 
+    def lookup_many(
+        self, lookups: Sequence[tuple[Sequence[str], Sequence[Query]]]
+    ) -> list[Answer | BaseException]:
+        """Answer several lookups from one thread: those for the same collections searched together.
+
+        Each lookup keeps its own match bounds; a failed search fails only
+        the lookups it was answering.
+        """
+        groups: dict[GroupKey, list[_Request]] = {}
+        requests: list[_Request] = []
+        for collections, queries in lookups:
+            request = _Request(queries)
+            requests.append(request)
+            groups.setdefault(tuple(collections), []).append(request)
+        with self._lock:
+            self.requests += len(requests)
+        for key, members in groups.items():
+            chunk: list[_Request] = []
+            total = 0
+            for request in members:
+                if chunk and total + len(request.queries) > self.max_combined:
+                    self._run(key, chunk)
+                    chunk, total = [], 0
+                chunk.append(request)
+                total += len(request.queries)
+            self._run(key, chunk)
+        return [request.error if request.error is not None else request.outcome() for request in requests]
+
     def _take(self, key: GroupKey) -> list[_Request]:
         """The leader's request (first in line) and whoever queued behind it, up to the cap."""
         waiting = self._pending[key]
@@ -124,7 +227,8 @@ class LookupBatcher:
                 request.lead = False
                 request.done.set()
             return
-        self.searches += 1
+        with self._lock:
+            self.searches += 1
         offset = 0
         for request in batch:
             end = offset + len(request.queries)

@@ -26,9 +26,11 @@ from ..signals import (
 )
 from ..signals.pdq import MAX_DISTANCE_LIMIT as REQUEST_MAX_DISTANCE_LIMIT
 from ..state import Refusal
+from ..store.base import SourceRecord
 from ..sync.wire import match_json, source_json
 from .app import RUNTIME, HubRuntime
 from .auth import Caller, SignedRequest, authenticate
+from .batching import Answer, RequestBatches
 from .logs import CALLER_KEY_ID, entry_counts
 from .metrics import metrics_endpoint
 from .problems import Problem
@@ -347,22 +349,77 @@ async def lookup(request: web.Request) -> web.Response:
     runtime = _runtime(request)
     body = await request.read()
     signed = SignedRequest.of(request)
-    # One trip to a worker thread for the whole request: authentication, parsing,
-    # search and serialisation. Lookups are the hot path; each hop between the
-    # event loop and the pool costs more than a small search does.
-    answer = await runtime.read(lambda: _answer_lookup(runtime, signed, body, request))
+    # Small lookups, the hot path, queue for a batch: one trip to a worker
+    # thread answers every lookup that arrived meanwhile (authentication,
+    # parsing, one search per collection set, serialisation). A large one
+    # runs on its own thread, so it never holds up the small ones behind it.
+    if len(body) <= BATCHED_LOOKUP_BYTES and runtime.lookups is not None:
+        answer = await runtime.lookups.submit((signed, body, request))
+    else:
+        answer = await runtime.read(lambda: _answer_lookup(runtime, signed, body, request))
     return web.Response(body=answer, content_type="application/json")
+
+
+LookupRequest = tuple[SignedRequest, bytes, web.Request]
+
+
+BATCHED_LOOKUP_BYTES = 64 * 1024
+"""Lookup bodies up to this size (about 650 PDQ queries) are answered in batches."""
+
+
+def lookup_batches(runtime: HubRuntime) -> RequestBatches[LookupRequest, bytes]:
+    """The queue of small lookups answered a batch at a time (see :func:`lookup`)."""
+    return RequestBatches(lambda batch: _answer_lookups(runtime, batch), runtime.readers)
 
 
 def _answer_lookup(runtime: HubRuntime, signed: SignedRequest, body: bytes, request: web.Request) -> bytes:
     node = runtime.node
-    caller = authenticate(node, runtime.guard, signed, body)
+    collections, queries = _prepare_lookup(runtime, signed, body, request, node.collections(), node.sources())
+    assert runtime.batcher is not None
+    answer = runtime.batcher.lookup(collections, queries)
+    return _lookup_document(runtime, queries, answer, node.sources())
+
+
+def _answer_lookups(runtime: HubRuntime, batch: list[LookupRequest]) -> list[bytes | BaseException]:
+    """Answers (or refusals) of a batch of lookups, in order, with one search per collection set."""
+    node = runtime.node
+    existing, sources = node.collections(), node.sources()
+    prepared: list[tuple[list[str], list[Query]] | BaseException] = []
+    for signed, body, request in batch:
+        try:
+            prepared.append(_prepare_lookup(runtime, signed, body, request, existing, sources))
+        except Exception as exc:  # this request's refusal, raised in its own handler
+            prepared.append(exc)
+    accepted = [lookup for lookup in prepared if not isinstance(lookup, BaseException)]
+    assert runtime.batcher is not None
+    answers = iter(runtime.batcher.lookup_many(accepted))
+    outcomes: list[bytes | BaseException] = []
+    for lookup in prepared:
+        if isinstance(lookup, BaseException):
+            outcomes.append(lookup)
+            continue
+        answer = next(answers)
+        if isinstance(answer, BaseException):
+            outcomes.append(answer)
+        else:
+            outcomes.append(_lookup_document(runtime, lookup[1], answer, sources))
+    return outcomes
+
+
+def _prepare_lookup(
+    runtime: HubRuntime,
+    signed: SignedRequest,
+    body: bytes,
+    request: web.Request,
+    existing: list[str],
+    sources: dict[str, SourceRecord],
+) -> tuple[list[str], list[Query]]:
+    """Authenticate and parse one lookup: the collections it searches and its queries."""
+    caller = authenticate(runtime.node, runtime.guard, signed, body)
     request[CALLER_KEY_ID] = caller.key_id  # for the request's log line
     queries, asked = _parse_lookup(
         _json_body(body, "lookup body"), runtime.config.max_queries, runtime.config.lookup_defaults
     )
-    existing = node.collections()
-    sources = node.sources()
     # Mirrored collections (from peers) are searched too; their matches say which hub they come from.
     reads_own = any(caller.may(c, "read") for c in existing if c not in sources)
 
@@ -380,8 +437,12 @@ def _answer_lookup(runtime: HubRuntime, signed: SignedRequest, body: bytes, requ
             if not readable(name):
                 caller.require(name, "read")
         collections = list(dict.fromkeys(asked))
-    assert runtime.batcher is not None
-    answer = runtime.batcher.lookup(collections, queries)
+    return collections, queries
+
+
+def _lookup_document(
+    runtime: HubRuntime, queries: list[Query], answer: Answer, sources: dict[str, SourceRecord]
+) -> bytes:
     if runtime.metrics is not None:
         runtime.metrics.looked_up(
             (query.signal.name, len(matches)) for query, matches in zip(queries, answer.results, strict=True)
@@ -426,6 +487,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/collections/{collection}/proof/inclusion", inclusion_proof)
     app.router.add_get("/v1/collections/{collection}/proof/consistency", consistency_proof)
     app.router.add_post("/v1/lookup", lookup)
+    app[RUNTIME].lookups = lookup_batches(app[RUNTIME])
     app.router.add_get("/v1/peers", peers)
     app.router.add_get("/v1/sources", sources)
     app.router.add_get("/metrics", metrics_endpoint)

@@ -212,7 +212,12 @@ class SegmentBuilder:
 
 
 def _map(path: Path, checksums: Mapping[str, str]) -> Segment:
-    arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r", allow_pickle=False) for name in checksums}
+    # Plain ndarray views of the maps (the map stays open as their base): a
+    # np.memmap would run Python code for every slice and take of a search.
+    arrays = {
+        name: np.load(path / f"{name}.npy", mmap_mode="r", allow_pickle=False).view(np.ndarray)
+        for name in checksums
+    }
     codes = arrays.pop(CODES)
     if codes.dtype != np.uint8 or codes.ndim != 2:
         raise ValueError(f"{path.name}: the codes are not a uint8[n, width] array")
