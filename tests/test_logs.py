@@ -4,8 +4,12 @@ and never a hash value or label."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import logging
+import select
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +17,7 @@ import aiohttp
 
 from federation.client import HubClient
 from federation.envelope import Addition
+from federation.hub.logs import BatchedStreamHandler
 from tests.conftest import Federation
 from tests.faults import free_port, start_hashfed, wait_exit, wait_until_ready
 from tests.helpers import pdq
@@ -62,3 +67,35 @@ async def test_json_logs_describe_requests_and_events_without_hashes(
     assert appended["signer"] == federation.members["acme"].key_id
     assert (appended["additions"], appended["removals"]) == (5, 0)
     assert all(h not in text for h in hashes) and "secret-label" not in text
+
+
+class _Writes(io.StringIO):
+    """A stream that remembers each write it was given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return super().write(text)
+
+
+def test_request_lines_are_written_together_in_whole_lines_and_none_is_lost_at_close() -> None:
+    stream = _Writes()
+    handler = BatchedStreamHandler(stream, delay=0.2)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.Logger("requests-under-test")
+    logger.addHandler(handler)
+    for n in range(200):
+        logger.info("request %d %s", n, "x" * 60)
+    deadline = time.monotonic() + 5
+    while not stream.writes and time.monotonic() < deadline:
+        time.sleep(0.05)
+    lines = stream.getvalue().splitlines()
+    assert [line.split()[1] for line in lines] == [str(n) for n in range(200)]  # written without a flush
+    assert 1 < len(stream.writes) < 200  # together, yet each write within what a pipe writes at once
+    assert all(text.endswith("\n") and len(text) <= select.PIPE_BUF for text in stream.writes)
+    logger.info("the last one")
+    handler.close()
+    assert stream.getvalue().endswith("the last one\n")
