@@ -47,6 +47,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from multidict import CIMultiDict, CIMultiDictProxy
+
 from federation.keys import KeyFormatError, SignerKey, VerifierKey, split_key_id
 from federation.sfv import (
     BareItem,
@@ -204,11 +206,15 @@ class VerifiedRequest:
 def _field(headers: Mapping[str, str], name: str) -> str | None:
     """The combined value of every field line named ``name``, in order (RFC 9110 §5.3).
 
-    Iterating ``items()`` matches names case-insensitively for any mapping and,
-    for a multidict, sees every line rather than only the first.
+    A case-insensitive multidict (aiohttp's headers) gives every line of the
+    name with ``getall``; any other mapping is scanned, names compared
+    case-insensitively.
     """
-    wanted = name.lower()
-    values = [value.strip(" \t") for key, value in headers.items() if key.lower() == wanted]
+    if isinstance(headers, CIMultiDictProxy | CIMultiDict):  # aiohttp's headers: a lookup, not a scan
+        values = [value.strip(" \t") for value in headers.getall(name, ())]
+    else:
+        wanted = name.lower()
+        values = [value.strip(" \t") for key, value in headers.items() if key.lower() == wanted]
     if not values:
         return None
     return ", ".join(values)
