@@ -569,6 +569,35 @@ async def test_concurrent_lookups_each_get_their_own_answer_or_refusal(hub: Hub)
     ]
 
 
+async def test_large_lookups_are_answered_one_at_a_time_alongside_small_ones(hub: Hub) -> None:
+    """Bodies over the batching size take their own queue; every query still gets its own result."""
+    listed = [pdq(260 + n) for n in range(3)]
+    await hub.submit("acme", batch_doc("acme", [item("pdq", h, [f"n{n}"]) for n, h in enumerate(listed)]))
+    large = [("pdq", flip(listed[n % 3], n % 5)) for n in range(900)]
+    assert (
+        len(json.dumps({"queries": [{"type": t, "hash": h} for t, h in large]}))
+        > hub_routes.BATCHED_LOOKUP_BYTES
+    )
+    replies = await asyncio.gather(
+        hub.lookup(large),
+        hub.lookup(large[1:]),
+        hub.lookup([("pdq", listed[2])]),
+        hub.lookup([("pdq", pdq(999))]),
+    )
+    assert [r.status for r in replies] == [200] * 4, [r.text for r in replies]
+    for reply, asked in zip(replies[:2], (large, large[1:]), strict=True):
+        results = reply.json()["results"]
+        assert len(results) == len(asked)
+        for (_, query), result in zip(asked, results, strict=True):
+            [match] = result["matches"]
+            assert match["distance"] == sum(
+                bin(int(query, 16) ^ int(match["hash"], 16)).count("1") for _ in [0]
+            )
+            assert match["hash"] in listed
+    assert [m["hash"] for m in replies[2].json()["results"][0]["matches"]] == [listed[2]]
+    assert replies[3].json()["results"] == [{"matches": []}]
+
+
 async def test_lookup_collections_default_to_every_readable_one(hub: Hub) -> None:
     acme, reader = hub.members["acme"], hub.members["reader"]
     add_collection(

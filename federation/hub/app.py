@@ -54,6 +54,8 @@ class HubRuntime:
     batcher: LookupBatcher | None = None
     lookups: RequestBatches[Any, bytes] | None = None
     """Small lookups queued for the next batch (set with the routes)."""
+    large_lookups: RequestBatches[Any, bytes] | None = None
+    """Large lookups, queued to run one at a time (set with the routes)."""
     streams: StreamSlots = field(init=False)
     """Slots for entries requests, apart from admission (see :mod:`.sending`)."""
     deadline: SendDeadline = field(init=False)
