@@ -159,6 +159,29 @@ async def test_a_write_acknowledged_by_any_worker_is_seen_by_the_next_lookup_at_
     assert len(answered_by) == WORKERS
 
 
+async def test_a_worker_asked_nothing_keeps_its_index_up_with_what_the_others_append(
+    workers: Workers,
+) -> None:
+    """Every worker follows the log on its own, so a long import never waits to be replayed at a lookup."""
+    codes = [pdq(2000 + number) for number in range(40)]
+    async with HubClient(workers.url, workers.members["acme"], retries=0) as writer:  # one connection
+        for start in range(0, len(codes), 10):
+            await writer.submit(COLLECTION, [Addition("pdq", code) for code in codes[start : start + 10]])
+    listed: dict[str, float] = {}
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not (len(listed) == WORKERS and set(listed.values()) == {40.0}):
+        status, worker, body = await workers.get("/metrics")  # answers from the index as it is; no catch-up
+        assert status == 200
+        [line] = [
+            line
+            for line in body.splitlines()
+            if line.startswith("hashfed_listed_hashes{") and 'signal="pdq"' in line
+        ]
+        listed[worker] = float(line.rsplit(" ", 1)[1])
+        await asyncio.sleep(0.05)
+    assert listed == {str(number): 40.0 for number in range(WORKERS)}
+
+
 async def test_concurrent_submitters_leave_one_log_with_no_gap_and_unique_seqs(workers: Workers) -> None:
     async def submitter(member: str, offset: int) -> list[int]:
         indexes = []

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from ..config import HubConfig
 from ..console.access import ConsoleAccess
+from ..index.live import FOLLOW_SECONDS
 from ..node import Node
 from ..sync.peering import Peering
 from .batching import LookupBatcher, RequestBatches
@@ -156,11 +157,20 @@ def create_app(
             assert isinstance(node.store, PostgresStore)
             follower = follow_replicas(node, node.store, following)
         retrier = asyncio.create_task(_retry_snapshots(runtime))
+        # Workers over one SQLite file learn of each other's appends only by looking;
+        # replicas on PostgreSQL are told (follow_replicas).
+        tracker = (
+            asyncio.create_task(_follow_log(runtime))
+            if worker is not None and not node.store.shared
+            else None
+        )
         if runtime.peering is not None:
             await runtime.peering.start()
         yield
         loader.cancel()
         retrier.cancel()
+        if tracker is not None:
+            tracker.cancel()
         following.set()
         if node.store.shared:
             await asyncio.get_running_loop().run_in_executor(None, follower.join)
@@ -220,6 +230,18 @@ async def _load(runtime: HubRuntime) -> None:
         pause = min(pause * 2, longest)
     runtime.ready = True
     log.info("indexes loaded for %d collection(s); ready", len(runtime.node.collections()))
+
+
+async def _follow_log(runtime: HubRuntime) -> None:
+    """Keep this worker's indexes up with what the other workers append, requests or not."""
+    while True:
+        await asyncio.sleep(FOLLOW_SECONDS)
+        if not runtime.ready:
+            continue
+        try:
+            await runtime.read(runtime.node.indexes.follow)
+        except Exception:
+            log.exception("could not catch the indexes up with the log; the next lookup will retry")
 
 
 async def _retry_snapshots(runtime: HubRuntime) -> None:

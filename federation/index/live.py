@@ -53,6 +53,8 @@ EXTERNAL_POLL_SECONDS = 0.1
 This process's own writes catch the index up before they are acknowledged;
 only writes by another process (another replica, a CLI command) wait for
 this poll, which costs a query per lookup without it."""
+FOLLOW_SECONDS = 1.0
+"""How often a worker of several catches its indexes up with the log when no lookup asks it to."""
 log = logging.getLogger("hashfed.index")
 
 
@@ -226,6 +228,19 @@ class IndexCatalog:
             if self._store.log_size(collection) != current.position:
                 self._apply_changes(collection, current)
             return current.position
+
+    def follow(self) -> None:
+        """Catch every loaded collection up with the log (what other processes appended, too).
+
+        A worker of several calls this every :data:`FOLLOW_SECONDS`, so one
+        that answers no requests still keeps up: the writing worker merges
+        and publishes as the log grows, and the others map what it publishes,
+        instead of replaying a whole import at their next lookup.
+        """
+        with self._lock:
+            names = list(self._collections)
+        for name in names:
+            self.catch_up(name)
 
     def _adopt_published(self, collection: str) -> None:
         """Map the segments the writing worker published since we last looked.
