@@ -357,12 +357,9 @@ async def lookup(request: web.Request) -> web.Response:
     # GIL and the caches (measured at 10M hashes, four lookups of 1,000:
     # 510 ms of CPU each at once, 333 ms one at a time); a hub uses more
     # cores through more workers.
-    small = len(body) <= BATCHED_LOOKUP_BYTES
-    lookups = runtime.lookups if small else runtime.large_lookups
-    if lookups is not None:
-        answer = await lookups.submit((signed, body, request))
-    else:
-        answer = await runtime.read(lambda: _answer_lookup(runtime, signed, body, request))
+    lookups = runtime.lookups if len(body) <= BATCHED_LOOKUP_BYTES else runtime.large_lookups
+    assert lookups is not None  # both queues are made with the routes
+    answer = await lookups.submit((signed, body, request))
     return web.Response(body=answer, content_type="application/json")
 
 
@@ -370,20 +367,12 @@ LookupRequest = tuple[SignedRequest, bytes, web.Request]
 
 
 BATCHED_LOOKUP_BYTES = 64 * 1024
-"""Lookup bodies up to this size (about 650 PDQ queries) are answered in batches."""
+"""Lookup bodies up to this size (about 650 PDQ queries) share batches; larger ones queue apart."""
 
 
 def lookup_batches(runtime: HubRuntime, max_items: int = 64) -> RequestBatches[LookupRequest, bytes]:
     """A queue of lookups answered ``max_items`` at a time at most (see :func:`lookup`)."""
     return RequestBatches(lambda batch: _answer_lookups(runtime, batch), runtime.readers, max_items)
-
-
-def _answer_lookup(runtime: HubRuntime, signed: SignedRequest, body: bytes, request: web.Request) -> bytes:
-    node = runtime.node
-    collections, queries = _prepare_lookup(runtime, signed, body, request, node.collections(), node.sources())
-    assert runtime.batcher is not None
-    answer = runtime.batcher.lookup(collections, queries)
-    return _lookup_document(runtime, queries, answer, node.sources())
 
 
 def _answer_lookups(runtime: HubRuntime, batch: list[LookupRequest]) -> list[bytes | BaseException]:
