@@ -46,8 +46,8 @@ class HubRuntime:
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="hashfed-writer")
     )
     readers: ThreadPoolExecutor = field(
-        # Many threads, few cores: most of them wait, either for SQLite or in the
-        # lookup batcher for a search that answers several requests at once.
+        # Many threads, few cores: most of them wait for SQLite; lookups take
+        # one thread per batch (see .batching).
         default_factory=lambda: ThreadPoolExecutor(
             max_workers=READER_THREADS, thread_name_prefix="hashfed-reader"
         )
