@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -15,6 +17,7 @@ from federation.hub import open_node
 from federation.index.budget import MatchBudget, unlimited
 from federation.index.engines import FlatL2Index
 from federation.index.pruned import PrunedL2Index
+from federation.index.segment_files import _sealed
 from federation.index.segmented import SegmentedIndex
 from federation.signals import PHOTODNA, VPDQ, LookupDefaults, Query
 from federation.signals.vpdq import VideoQuery
@@ -140,6 +143,29 @@ def test_pruned_engine_keeps_the_nearest_its_budget_allows() -> None:
     for (rows, ds), (all_rows, all_ds) in zip(cut, full, strict=True):
         assert rows.tolist() == all_rows[: len(rows)].tolist() and ds.tolist() == all_ds[: len(ds)].tolist()
     assert budget.truncated == {0, 1, 2, 3}
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, 2**32 - 1), st.integers(1, 8))
+def test_pruned_engine_finds_hits_at_exactly_the_radius_among_extreme_vectors(
+    seed: int, cell_size: int
+) -> None:
+    """Corner vectors (every byte 0 or 255) and near copies: the largest norms and distances,
+    where the float32 bounds round the most, probed at radii equal to true distances."""
+    rng = np.random.default_rng(seed)
+    corners = rng.choice(np.array([0, 255], dtype=np.uint8), (12, WIDTH))
+    steps = rng.integers(0, 4, (48, WIDTH)) * (rng.random((48, WIDTH)) < 0.1)
+    near = corners[rng.integers(0, 12, 48)].astype(np.int64)
+    near = np.where(near == 0, near + steps, near - steps).astype(np.uint8)
+    codes = np.unique(np.concatenate([corners, near]), axis=0)
+    engine = PrunedL2Index(codes, cell_size=cell_size, coarse_cells=3)
+    queries = np.concatenate([255 - corners[:3], near[:3], corners[:2]])
+    for query in queries:
+        distances = ((codes.astype(np.int64) - query.astype(np.int64)) ** 2).sum(axis=1)
+        for radius in [*sorted(set(distances.tolist()))[:3], int(np.median(distances))]:
+            expected = sorted((int(distances[r]), int(r)) for r in np.flatnonzero(distances <= radius))
+            ((rows, ds),) = engine.search(query[None, :], radius, method="prune")
+            assert list(zip(ds.tolist(), rows.tolist(), strict=True)) == expected
 
 
 def test_flat_l2_rounding_never_loses_a_hit_at_the_radius() -> None:
@@ -283,4 +309,34 @@ def test_photodna_and_video_answers_survive_a_restart(federation: Federation) ->
     reopened = open_node(DataDir(federation.data.path))
     reopened.load()
     assert answers(reopened) == expected
+    reopened.store.close()
+
+
+def test_a_photodna_snapshot_an_older_engine_wrote_is_rebuilt_from_the_log(
+    federation: Federation, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A sound segment whose engine arrays this version cannot open: answers come from the log."""
+    rng = np.random.default_rng(9)
+    vectors = clustered(rng, 30, 2, 20)
+    add = [{"type": "photodna", "hash": v.tobytes().hex(), "labels": []} for v in vectors]
+    node = open_node(federation.data)
+    node.load()
+    node.submit("main", envelope(federation.members["acme"], batch_doc("acme", add)))
+    node.indexes.snapshot_all()
+    query = [
+        PHOTODNA.parse_query({"type": "photodna", "hash": vectors[0].tobytes().hex()}, None, LookupDefaults())
+    ]
+    expected = [[m.hash for m in ms] for ms in node.lookup(["main"], query)]
+    node.store.close()
+    assert expected[0]
+    meta_path = federation.data.index_dir / "main.photodna.json"
+    meta = json.loads(meta_path.read_text())
+    meta["files"].pop("fine_reach")  # what a segment written before that array existed lists
+    meta_path.write_text(json.dumps(_sealed(meta)))
+    (federation.data.index_dir / meta["segment"] / "fine_reach.npy").unlink()
+
+    reopened = open_node(DataDir(federation.data.path))
+    reopened.load()
+    assert [[m.hash for m in ms] for ms in reopened.lookup(["main"], query)] == expected
+    assert "cannot open" in caplog.text and "fine_reach" in caplog.text
     reopened.store.close()

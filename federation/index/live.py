@@ -99,10 +99,10 @@ class IndexCatalog:
         by_signal: dict[str, SearchIndex] = {}
         positions: list[int] = []
         for signal in SIGNAL_TYPES.values():
-            saved = self._load(collection, signal)
-            if saved is not None and saved.position <= size:
-                by_signal[signal.name] = self._new_index(collection, signal, saved=saved)
-                positions.append(saved.position)
+            opened = self._open_saved(collection, signal, size)
+            if opened is not None:
+                by_signal[signal.name], saved_position = opened
+                positions.append(saved_position)
                 continue
             listed, position = self._store.listed(collection, signal.name)
             hashes = [hash_hex for _, hash_hex in listed]
@@ -150,6 +150,30 @@ class IndexCatalog:
         if self._snapshots is None or signal.snapshot_width is None:
             return None
         return self._snapshots.load(collection, signal.name, signal.snapshot_width)
+
+    def _open_saved(
+        self, collection: str, signal: SignalType, log_size: int
+    ) -> tuple[SearchIndex, int] | None:
+        """An index over the published segment and the log position it reflects, if there is a usable one.
+
+        A segment whose files are sound but whose engine arrays this version
+        cannot open (written by a version whose engine kept other arrays) is
+        passed over like a damaged one: the index is then built from the log.
+        """
+        saved = self._load(collection, signal)
+        if saved is None or saved.position > log_size:
+            return None
+        try:
+            return self._new_index(collection, signal, saved=saved), saved.position
+        except ValueError as exc:
+            log.warning(
+                "ignoring the %s index snapshot of %s, which this version cannot open (%s); "
+                "building the index from the log",
+                signal.name,
+                collection,
+                exc,
+            )
+            return None
 
     def _new_index(
         self,
@@ -265,11 +289,11 @@ class IndexCatalog:
             mapped = index.segment
             if published is None or (mapped is not None and mapped.name == published):
                 continue
-            saved = self._load(collection, SIGNAL_TYPES[name])
-            if saved is None or saved.position > self._store.log_size(collection):
+            opened = self._open_saved(collection, SIGNAL_TYPES[name], self._store.log_size(collection))
+            if opened is None:
                 continue
-            adopted = self._new_index(collection, SIGNAL_TYPES[name], saved=saved)
-            changes, reached = self._store.changes_since(collection, saved.position)
+            adopted, saved_position = opened
+            changes, reached = self._store.changes_since(collection, saved_position)
             self._replay(collection, {name: adopted}, changes)
             with self._lock:
                 current = self._collections.get(collection)

@@ -16,13 +16,17 @@ How it prunes (the triangle inequality around cell pivots, then a projection):
   vector to sit in the cell of its nearest pivot, so the approximate
   assignment costs no exactness.
 * For a query ``q`` and radius ``R`` (a hit has ``|q - x| <= sqrt(R)``), a
-  member can be a hit only if ``|d - r(x)| <= sqrt(R)``, ``d = |q - p|``.
-  ``d`` is bounded without touching the 144 bytes of the pivot: with ``a``
-  and ``b`` the parts of ``q`` and ``p`` the projection leaves out,
-  ``d^2 = |P(q - p)|^2 + |a - b|^2`` and ``||a| - |b|| <= |a - b| <= |a| + |b|``,
-  so one float32 matrix product of 16-dimension projections per 64 queries
-  bounds ``d`` for every cell. Cells whose members' ``r`` all miss the
-  interval are skipped; in the others each member's ``r`` is checked.
+  cell can hold a hit only if ``|P(q) - P(p)|`` is at most ``sqrt(R)`` plus
+  the largest ``|P(x) - P(p)|`` of its members: one float32 matrix product
+  per 64 queries tests that for every cell (this all-pivot pass is the fixed
+  cost of a query, so cells are small but not tiny).
+* In the cells left, a member can be a hit only if ``|d - r(x)| <= sqrt(R)``,
+  ``d = |q - p|``. ``d`` is bounded without touching the 144 bytes of the
+  pivot: with ``a`` and ``b`` the parts of ``q`` and ``p`` the projection
+  leaves out, ``d^2 = |P(q - p)|^2 + |a - b|^2`` and
+  ``||a| - |b|| <= |a - b| <= |a| + |b|``. Cells whose members' ``r`` all
+  miss that interval are skipped; in the others each member's ``r`` is
+  checked.
 * Survivors are checked against their stored projection (int16, in units of
   1/8), then re-ranked exactly: ``|q|^2 + |x|^2 - 2 q.x`` with the dot product
   in float32 (exact: every partial sum is an integer below 2^24 for 144
@@ -38,7 +42,8 @@ docs/benchmarks.md measures both kinds of corpus.
 
 Memory beyond the codes themselves (which the segment shares): per vector 4 B
 of row order, 8 B of sort key, 4 B of squared norm and 32 B of projection;
-per cell a 16-dimension projection of its pivot and four numbers.
+per cell a 16-dimension projection of its pivot and five numbers, and (for the
+radius last asked) an 18-number row of the all-pivot product.
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ Result = tuple[npt.NDArray[np.int64], npt.NDArray[np.int32]]
 Hits = tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]
 
 PCA_DIMENSIONS = 16
-DEFAULT_CELL_SIZE = 32
+DEFAULT_CELL_SIZE = 16
 """Vectors per fine cell, on average."""
 SLACK = 0.01
 """Added to every bound on ``|q - x|`` (units of distance, not squared): float64 pivot
@@ -83,13 +88,17 @@ PROJECTION_SCALE = 8.0
 PROJECTION_SLACK = 0.5
 """Bounds from stored projections are widened by this much: rounding each of 16 coordinates
 to 1/8 moves a projection by at most sqrt(16) / 16 = 0.25, and float32 sums by far less."""
-SQUARED_SLACK = 64.0
-"""Added to squared-distance thresholds computed in float32 (values below 2^24 there)."""
-PIVOT_SLACK = 8.0
-"""Added to the bounds on a query's distance to a pivot (units of distance). They come from
-squared distances between 16-dimension projections computed in float32, where values stay
-below 2^24 and the rounding of inputs, 16 products and three sums stays under 32: at most
-sqrt(32) < 6 off even where the distance is near 0."""
+PRODUCT_SLACK = 256.0
+"""Added to each cell's squared limit in the one float32 matrix product that compares a block
+of queries with every pivot. It sums 18 terms (16 products of coordinates below 3,060 in
+magnitude, the query's squared norm, the pivot's squared norm less its limit) whose partial
+sums stay below 2^27, where float32 values are 8 apart: inputs (the pivots' projections are
+stored as float32), products and additions round by under 110 in all, and the slack is more
+than twice that."""
+PIVOT_SLACK = 0.01
+"""Added to the bounds on a query's distance to a pivot (units of distance). They are computed
+in float64 from the pivots' projections and residual lengths stored as float32 (values below
+3,060, so each is off by under 0.0002)."""
 
 
 _BUILT_ARRAYS = (
@@ -101,7 +110,7 @@ _BUILT_ARRAYS = (
     "fine_min",
     "fine_max",
     "pivot_projections",
-    "pivot_projection_norms",
+    "fine_reach",
     "pivot_residuals",
     "projected",
     "norms",
@@ -149,6 +158,7 @@ class PrunedL2Index:
         if codes.ndim != 2:
             raise ValueError("codes must be a uint8[n, width] array")
         self._codes = codes
+        self._pivot_sides: tuple[float, npt.NDArray[np.float32]] | None = None
         n, width = codes.shape
         self._width = width
         self._limit = width * 255 * 255
@@ -178,8 +188,8 @@ class PrunedL2Index:
         centred = pivots.astype(np.float64) - self._mean
         projected_pivots = centred @ self._directions
         self._pivot_projections = projected_pivots.astype(np.float32)
-        self._pivot_projection_norms = np.einsum("ij,ij->i", projected_pivots, projected_pivots).astype(
-            np.float32
+        self._fine_reach = self._projected_reach(
+            scaled, order, fine, self._pivot_projections, self._fine_offsets
         )
         residual = np.einsum("ij,ij->i", centred, centred) - np.einsum(
             "ij,ij->i", projected_pivots, projected_pivots
@@ -212,6 +222,7 @@ class PrunedL2Index:
         for name in _BUILT_ARRAYS:
             setattr(index, f"_{name}", arrays[name])
         index._coarse_count = int(arrays["coarse_count"][0])
+        index._pivot_sides = None
         if len(index._order) != len(codes) or len(index._norms) != len(codes):
             raise ValueError("the arrays were built over other codes")
         return index
@@ -262,6 +273,29 @@ class PrunedL2Index:
         return means
 
     @staticmethod
+    def _projected_reach(
+        scaled: npt.NDArray[np.float32],
+        order: npt.NDArray[np.int64],
+        fine: npt.NDArray[np.int64],
+        pivot_projections: npt.NDArray[np.float32],
+        offsets: npt.NDArray[np.int64],
+    ) -> npt.NDArray[np.float64]:
+        """Per cell, the largest ``|P(x) - P(p)|`` of a member ``x`` (the stored float32 ``P(p)``).
+
+        A tighter radius than the full-space one (a projection never lengthens
+        a difference), and the one the first, all-pivot bound needs: that
+        bound only ever sees the projections.
+        """
+        radius = np.empty(len(scaled), dtype=np.float64)
+        for start in range(0, len(scaled), _CHUNK):
+            stop = start + len(scaled[start : start + _CHUNK])
+            difference = scaled[start:stop].astype(np.float64) / PROJECTION_SCALE
+            difference -= pivot_projections[fine[start:stop]]
+            radius[start:stop] = np.sqrt(np.einsum("ij,ij->i", difference, difference))
+        reach: npt.NDArray[np.float64] = np.maximum.reduceat(radius[order], offsets[:-1])
+        return reach
+
+    @staticmethod
     def _distances_to(
         codes: Codes, pivots: npt.NDArray[np.float32], cells: npt.NDArray[np.int64]
     ) -> npt.NDArray[np.float64]:
@@ -290,7 +324,7 @@ class PrunedL2Index:
             + self._keys.nbytes
             + self._norms.nbytes
             + self._pivot_projections.nbytes
-            + self._pivot_projection_norms.nbytes
+            + self._fine_reach.nbytes
             + self._pivot_residuals.nbytes
             + self._fine_offsets.nbytes
             + self._fine_min.nbytes
@@ -321,9 +355,8 @@ class PrunedL2Index:
         if len(queries) == 0:
             return []
         reach = math.sqrt(max_distance) + SLACK
-        wide = reach + PIVOT_SLACK
-        # A cell whose pivot's projection is farther than this from the query's holds no hit.
-        limits = ((self._fine_max + wide) ** 2 + SQUARED_SLACK).astype(np.float32)
+        pivot_side = self._pivot_side(reach + PIVOT_SLACK)
+        products = np.empty((min(len(queries), _QUERY_BLOCK), len(pivot_side)), dtype=np.float32)
         query_norms = np.einsum("ij,ij->i", queries.astype(np.int64), queries.astype(np.int64))
         found: list[Hits | None] = [None] * len(queries)
         scan: list[int] = []
@@ -335,13 +368,16 @@ class PrunedL2Index:
             block = queries[start : start + _QUERY_BLOCK]
             centred = block.astype(np.float64) - self._mean
             along = centred @ self._directions
-            residuals = np.sqrt(
-                np.maximum(np.einsum("ij,ij->i", centred, centred) - np.einsum("ij,ij->i", along, along), 0.0)
-            )
-            squared = along.astype(np.float32) @ self._pivot_projections.T
-            squared *= -2.0
-            squared += self._pivot_projection_norms[None, :]
-            squared += np.einsum("ij,ij->i", along, along).astype(np.float32)[:, None]
+            along_norms = np.einsum("ij,ij->i", along, along)
+            residuals = np.sqrt(np.maximum(np.einsum("ij,ij->i", centred, centred) - along_norms, 0.0))
+            query_side = np.empty((len(block), along.shape[1] + 2), dtype=np.float32)
+            query_side[:, :-2] = along
+            query_side[:, -2] = along_norms
+            query_side[:, -1] = 1.0
+            # |P(q) - p|^2 - limit(p) for every query of the block and every pivot, in one product
+            # (into one buffer: a fresh one per block, 160 MB at 10M vectors, costs as much again
+            # in page faults).
+            excess = np.matmul(query_side, pivot_side.T, out=products[: len(block)])
             projected = (along * PROJECTION_SCALE).astype(np.float32)
             for offset in range(len(block)):
                 position = start + offset
@@ -349,11 +385,11 @@ class PrunedL2Index:
                 hopeless = method == "auto" and pruned_in_vain >= GIVE_UP_AFTER
                 if method != "scan" and not hopeless:
                     rows = self._candidates(
-                        squared[offset],
+                        excess[offset],
+                        along[offset],
                         float(residuals[offset]),
                         projected[offset],
                         reach,
-                        limits,
                         method == "prune",
                     )
                 if rows is None:
@@ -376,33 +412,61 @@ class PrunedL2Index:
             results.append(_ordered(*answer, deleted, budget, position))
         return results
 
+    def _pivot_side(self, wide: float) -> npt.NDArray[np.float32]:
+        """Each pivot as ``[-2 p, 1, |p|^2 - limit]``, for one product with ``[q, |q|^2, 1]``.
+
+        A cell can hold a hit only if its pivot's projection is within
+        ``wide`` plus the cell's largest member radius in the projection
+        (``fine_reach``) of the query's; the limit is that squared, plus
+        :data:`PRODUCT_SLACK`. Kept for the last radius asked (lookups mostly
+        use the hub's default): 4.5 MB per million vectors, rebuilt in
+        milliseconds when another radius is asked.
+        """
+        cached = self._pivot_sides
+        if cached is not None and cached[0] == wide:
+            return cached[1]
+        limits = (self._fine_reach + wide) ** 2 + PRODUCT_SLACK
+        pivots = self._pivot_projections
+        side = np.empty((len(pivots), pivots.shape[1] + 2), dtype=np.float32)
+        side[:, :-2] = pivots
+        side[:, :-2] *= -2.0
+        side[:, -2] = 1.0
+        side[:, -1] = np.einsum("ij,ij->i", pivots, pivots, dtype=np.float64) - limits
+        self._pivot_sides = (wide, side)
+        return side
+
     def _candidates(
         self,
-        squared: npt.NDArray[np.float32],
+        excess: npt.NDArray[np.float32],
+        along: npt.NDArray[np.float64],
         residual: float,
         projected: npt.NDArray[np.float32],
         reach: float,
-        limits: npt.NDArray[np.float32],
         forced: bool,
     ) -> npt.NDArray[np.int64] | None:
         """Rows no bound rules out, or None when a scan is cheaper.
 
-        ``squared`` holds the squared distances between the query's projection
-        and every pivot's, ``residual`` the length of what the query's
-        projection leaves out. With ``a`` and ``b`` the parts of query and pivot
-        the projection leaves out, ``|q - p|^2 = |P(q - p)|^2 + |a - b|^2`` and
+        ``excess`` holds, for every pivot, the squared distance between its
+        projection and the query's (``along``) less the largest at which its
+        cell can hold a hit (see :meth:`_pivot_side`); ``residual`` is the
+        length of what the query's projection leaves out. With ``a`` and
+        ``b`` the parts of query and pivot the projection leaves out,
+        ``|q - p|^2 = |P(q - p)|^2 + |a - b|^2`` and
         ``||a| - |b|| <= |a - b| <= |a| + |b|``: so ``|q - p|`` lies between
         ``low`` and ``high`` below, and a member ``x`` can be a hit only if
         ``|x - p|`` is within ``reach`` of that interval.
         """
         wide = reach + PIVOT_SLACK
-        fine = np.flatnonzero(squared <= limits)
+        fine = np.flatnonzero(excess <= 0.0)
         if len(fine) == 0:
             return np.empty(0, dtype=np.int64)
-        along = np.maximum(squared[fine].astype(np.float64), 0.0)
+        # The few pivots left are measured again, in float64, for the tighter bounds below.
+        offsets = np.take(self._pivot_projections, fine, axis=0).astype(np.float64)
+        offsets -= along
+        squared = np.einsum("ij,ij->i", offsets, offsets)
         others = self._pivot_residuals[fine].astype(np.float64)
-        low = np.sqrt(along + (residual - others) ** 2)
-        high = np.sqrt(along + (residual + others) ** 2)
+        low = np.sqrt(squared + (residual - others) ** 2)
+        high = np.sqrt(squared + (residual + others) ** 2)
         alive = (low - wide <= self._fine_max[fine]) & (high + wide >= self._fine_min[fine])
         fine, low, high = fine[alive], low[alive], high[alive]
         if len(fine) == 0:
@@ -414,7 +478,7 @@ class PrunedL2Index:
         # Cells are small: checking every member's stored radius beats a binary search per cell.
         positions = _ranges(starts, stops)
         base = fine * _CELL_SPAN
-        keys = self._keys[positions]
+        keys = np.take(self._keys, positions)
         positions = positions[
             (keys >= np.repeat(base + low - wide, sizes)) & (keys <= np.repeat(base + high + wide, sizes))
         ]
@@ -422,7 +486,9 @@ class PrunedL2Index:
             return None
         # An orthonormal projection never lengthens a difference: |P(x - q)| <= |x - q|.
         # The stored projections are rounded to 1/8, so each is within PROJECTION_SLACK of the truth.
-        difference = self._projected[positions].astype(np.float32) - projected
+        # np.take and an in-place subtraction: fancy indexing of rows and a fresh array cost 4x.
+        difference = np.take(self._projected, positions, axis=0).astype(np.float32)
+        difference -= projected
         close = (
             np.einsum("ij,ij->i", difference, difference)
             <= ((reach + PROJECTION_SLACK) * PROJECTION_SCALE) ** 2
