@@ -460,6 +460,8 @@ class PrunedL2Index:
         fine = np.flatnonzero(excess <= 0.0)
         if len(fine) == 0:
             return np.empty(0, dtype=np.int64)
+        if not forced and len(fine) > CELLS_FRACTION * len(excess):
+            return None  # cells hold about as many vectors each: a scan is cheaper, as below
         # The few pivots left are measured again, in float64, for the tighter bounds below.
         offsets = np.take(self._pivot_projections, fine, axis=0).astype(np.float64)
         offsets -= along
