@@ -12,13 +12,14 @@ Engines (every vector within squared Euclidean distance R, inclusive):
 * ``faiss-flat``: ``faiss.IndexFlatL2`` over the vectors as float32, brute
   force ``range_search`` with the radius widened by 64 (float32 rounding)
   and every candidate's distance recomputed in integers; the oracle.
-* ``faiss-ivf``: FAISS made exact: an inverted file of ``2 * sqrt(n)`` k-means
-  cells (10 k-means rounds on a sample of 32 a cell) holding the vectors as bytes (``IndexIVFScalarQuantizer`` with
-  ``QT_8bit_direct``, not by residual, so its float32 distances are exact
-  integers), and for each query every cell that the triangle inequality
-  cannot rule out (``|q - c| - radius(c) <= sqrt(R)``, with ``radius(c)`` the
-  farthest member's distance to the centroid) probed through
-  ``range_search_preassigned``.
+* ``faiss-ivf``: FAISS made exact: an inverted file of ``2 * sqrt(n)``
+  k-means cells (10 rounds on a sample of 32 vectors a cell) holding the
+  vectors as bytes (``IndexIVFScalarQuantizer`` with ``QT_8bit_direct``, not
+  by residual, so its float32 distances are exact integers), and for each
+  query every cell that the triangle inequality cannot rule out
+  (``|q - c| - radius(c) <= sqrt(R)``, with ``radius(c)`` the farthest
+  member's distance to the centroid, plus 1 for float32 rounding) probed
+  through ``range_search_preassigned``.
 
 Corpora (both synthetic: real PhotoDNA hashes are licensed and not shared):
 
@@ -170,7 +171,7 @@ def run_engine(engine: str, data: Path, radii: list[int], single_seconds: float)
 
 
 def _exact_ivf(codes: npt.NDArray[np.uint8], queries: npt.NDArray[np.uint8]) -> Any:
-    """FAISS's inverted file, probed in every cell a query's ball can reach: exact, see the module docstring."""
+    """FAISS's inverted file, probed in every cell a query's ball can reach: exact (see above)."""
     import faiss
 
     n = len(codes)
