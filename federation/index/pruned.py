@@ -51,17 +51,24 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
-import faiss
 import numpy as np
 import numpy.typing as npt
 
 from .budget import MatchBudget
+from .pruned_cells import (
+    CHUNK,
+    assign_cells,
+    cell_means,
+    choose_coarse_cells,
+    distances_to_pivots,
+    principal_directions,
+    projected_reach,
+)
 
 Codes = npt.NDArray[np.uint8]
 Result = tuple[npt.NDArray[np.int64], npt.NDArray[np.int32]]
 Hits = tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]
 
-PCA_DIMENSIONS = 16
 DEFAULT_CELL_SIZE = 16
 """Vectors per fine cell, on average."""
 SLACK = 0.01
@@ -74,7 +81,6 @@ CELLS_FRACTION = 0.6
 answered by a scan without checking their members one by one."""
 _CELL_SPAN = 8192.0
 """Sort keys are ``fine cell * _CELL_SPAN + r``; ``r`` never exceeds sqrt(144 * 255^2) < 3060."""
-_CHUNK = 262_144
 _SCAN_CHUNK = 16_384
 SCAN_MARGIN = 600
 """Float32 error bound of the scan's matrix product: 146 additions whose partial sums stay
@@ -117,32 +123,6 @@ _BUILT_ARRAYS = (
 )
 
 
-def choose_coarse_cells(n: int) -> int:
-    """About the square root of the vector count, at most 4,096."""
-    return max(1, min(4096, int(math.sqrt(n))))
-
-
-def _kmeans_assign(
-    points: npt.NDArray[np.float32], cells: int, seed: int, sample: int
-) -> npt.NDArray[np.int64]:
-    """Each point's cell from k-means trained on a sample (all points when few)."""
-    n, dimensions = points.shape
-    cells = max(1, min(cells, n))
-    if cells == 1:
-        return np.zeros(n, dtype=np.int64)
-    rng = np.random.default_rng(seed)
-    training = points if n <= sample else points[np.sort(rng.choice(n, sample, replace=False))]
-    kmeans = faiss.Kmeans(dimensions, cells, niter=10, seed=seed, verbose=False, min_points_per_centroid=1)
-    kmeans.train(np.ascontiguousarray(training))
-    quantizer = faiss.IndexFlatL2(dimensions)
-    quantizer.add(kmeans.centroids)
-    assignment = np.empty(n, dtype=np.int64)
-    for start in range(0, n, _CHUNK):
-        _, nearest = quantizer.search(np.ascontiguousarray(points[start : start + _CHUNK]), 1)
-        assignment[start : start + _CHUNK] = nearest[:, 0]
-    return assignment
-
-
 class PrunedL2Index:
     """Immutable; searched from several threads at once (numpy and FAISS release the GIL)."""
 
@@ -164,18 +144,18 @@ class PrunedL2Index:
         self._limit = width * 255 * 255
         if n == 0:
             raise ValueError("an index needs at least one vector")
-        self._mean, self._directions = self._projection(codes, seed)
+        self._mean, self._directions = principal_directions(codes, seed)
         scaled = np.empty((n, self._directions.shape[1]), dtype=np.float32)
-        for start in range(0, n, _CHUNK):
-            chunk = codes[start : start + _CHUNK].astype(np.float64) - self._mean
+        for start in range(0, n, CHUNK):
+            chunk = codes[start : start + CHUNK].astype(np.float64) - self._mean
             scaled[start : start + len(chunk)] = (chunk @ self._directions) * PROJECTION_SCALE
-        fine, self._coarse_count = self._cells(
+        fine, self._coarse_count = assign_cells(
             scaled, cell_size, coarse_cells or choose_coarse_cells(n), seed
         )
         fine_count = int(fine.max()) + 1
         sizes = np.bincount(fine, minlength=fine_count)
-        pivots = self._means(codes, fine, fine_count, sizes)
-        radius = self._distances_to(codes, pivots, fine)
+        pivots = cell_means(codes, fine, fine_count, sizes)
+        radius = distances_to_pivots(codes, pivots, fine)
         order = np.lexsort((radius, fine))
         self._order = order.astype(np.uint32 if n < 2**32 else np.int64)
         sorted_radius = radius[order]
@@ -188,8 +168,8 @@ class PrunedL2Index:
         centred = pivots.astype(np.float64) - self._mean
         projected_pivots = centred @ self._directions
         self._pivot_projections = projected_pivots.astype(np.float32)
-        self._fine_reach = self._projected_reach(
-            scaled, order, fine, self._pivot_projections, self._fine_offsets
+        self._fine_reach = projected_reach(
+            scaled, order, fine, self._pivot_projections, self._fine_offsets, PROJECTION_SCALE
         )
         residual = np.einsum("ij,ij->i", centred, centred) - np.einsum(
             "ij,ij->i", projected_pivots, projected_pivots
@@ -199,8 +179,8 @@ class PrunedL2Index:
         self._projected = np.rint(scaled[order]).astype(np.int16)
         del scaled
         norms = np.empty(n, dtype=np.int32)
-        for start in range(0, n, _CHUNK):
-            chunk = codes[start : start + _CHUNK].astype(np.int32)
+        for start in range(0, n, CHUNK):
+            chunk = codes[start : start + CHUNK].astype(np.int32)
             norms[start : start + len(chunk)] = np.einsum("ij,ij->i", chunk, chunk)
         self._norms = norms
 
@@ -226,86 +206,6 @@ class PrunedL2Index:
         if len(index._order) != len(codes) or len(index._norms) != len(codes):
             raise ValueError("the arrays were built over other codes")
         return index
-
-    @staticmethod
-    def _projection(codes: Codes, seed: int) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
-        """The mean and the top principal directions (orthonormal columns) of a sample of the vectors."""
-        n, width = codes.shape
-        rng = np.random.default_rng(seed)
-        sample = codes[np.sort(rng.choice(n, min(n, 100_000), replace=False))].astype(np.float64)
-        mean = sample.mean(axis=0)
-        centred = sample - mean
-        _, vectors = np.linalg.eigh(centred.T @ centred)
-        directions = vectors[:, ::-1][:, : min(PCA_DIMENSIONS, width)]
-        return mean, np.ascontiguousarray(directions)
-
-    @staticmethod
-    def _cells(
-        reduced: npt.NDArray[np.float32], cell_size: int, coarse_cells: int, seed: int
-    ) -> tuple[npt.NDArray[np.int64], int]:
-        """Each vector's fine cell (numbered densely, coarse cell by coarse cell) and how many coarse cells hold vectors."""
-        n = len(reduced)
-        coarse = _kmeans_assign(reduced, coarse_cells, seed, sample=coarse_cells * 64)
-        by_coarse = np.argsort(coarse, kind="stable")
-        bounds = np.concatenate(([0], np.cumsum(np.bincount(coarse, minlength=int(coarse.max()) + 1))))
-        fine = np.empty(n, dtype=np.int64)
-        next_fine = used = 0
-        for cell in range(len(bounds) - 1):
-            members = by_coarse[bounds[cell] : bounds[cell + 1]]
-            if len(members) == 0:
-                continue
-            used += 1
-            wanted = max(1, round(len(members) / cell_size))
-            local = _kmeans_assign(reduced[members], wanted, seed + cell, sample=wanted * 64)
-            _, local = np.unique(local, return_inverse=True)  # number the cells used, densely
-            fine[members] = next_fine + local
-            next_fine += int(local.max()) + 1
-        return fine, used
-
-    @staticmethod
-    def _means(
-        codes: Codes, cells: npt.NDArray[np.int64], count: int, sizes: npt.NDArray[np.int64]
-    ) -> npt.NDArray[np.float32]:
-        sums = np.zeros((count, codes.shape[1]), dtype=np.float64)
-        for start in range(0, len(codes), _CHUNK):
-            np.add.at(sums, cells[start : start + _CHUNK], codes[start : start + _CHUNK].astype(np.float64))
-        means: npt.NDArray[np.float32] = (sums / np.maximum(sizes, 1)[:, None]).astype(np.float32)
-        return means
-
-    @staticmethod
-    def _projected_reach(
-        scaled: npt.NDArray[np.float32],
-        order: npt.NDArray[np.int64],
-        fine: npt.NDArray[np.int64],
-        pivot_projections: npt.NDArray[np.float32],
-        offsets: npt.NDArray[np.int64],
-    ) -> npt.NDArray[np.float64]:
-        """Per cell, the largest ``|P(x) - P(p)|`` of a member ``x`` (the stored float32 ``P(p)``).
-
-        A tighter radius than the full-space one (a projection never lengthens
-        a difference), and the one the first, all-pivot bound needs: that
-        bound only ever sees the projections.
-        """
-        radius = np.empty(len(scaled), dtype=np.float64)
-        for start in range(0, len(scaled), _CHUNK):
-            stop = start + len(scaled[start : start + _CHUNK])
-            difference = scaled[start:stop].astype(np.float64) / PROJECTION_SCALE
-            difference -= pivot_projections[fine[start:stop]]
-            radius[start:stop] = np.sqrt(np.einsum("ij,ij->i", difference, difference))
-        reach: npt.NDArray[np.float64] = np.maximum.reduceat(radius[order], offsets[:-1])
-        return reach
-
-    @staticmethod
-    def _distances_to(
-        codes: Codes, pivots: npt.NDArray[np.float32], cells: npt.NDArray[np.int64]
-    ) -> npt.NDArray[np.float64]:
-        """``|x - pivot of x's cell|`` for every vector, in float64."""
-        out = np.empty(len(codes), dtype=np.float64)
-        for start in range(0, len(codes), _CHUNK):
-            stop = start + len(codes[start : start + _CHUNK])
-            difference = codes[start:stop].astype(np.float64) - pivots[cells[start:stop]].astype(np.float64)
-            out[start:stop] = np.sqrt(np.einsum("ij,ij->i", difference, difference))
-        return out
 
     def __len__(self) -> int:
         return len(self._codes)
