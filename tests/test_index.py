@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import random
+import tempfile
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +15,8 @@ from hypothesis import strategies as st
 
 from federation.index import ExactIndex, FaissBinaryIndex, SearchIndex
 from federation.index.budget import MatchBudget
-from federation.index.segmented import SegmentedIndex, merge_sorted, sorted_unique
+from federation.index.segment_files import SegmentBuilder, SnapshotFiles, UnmappedRows
+from federation.index.segmented import MihKind, SegmentedIndex, merge_sorted, sorted_unique, write_segment
 from federation.index.videos import VideoIndex
 from federation.signals import MD5, PDQ, PHOTODNA, SHA1, SHA256, VPDQ, SignalError
 
@@ -439,6 +442,67 @@ def test_segmented_index_starts_from_codes_and_removes_from_the_large_segment() 
     index.add(hashes[:1])
     assert index.search(hashes[:1], 0) == [[(hashes[0], 0)]]
     assert len(index) == 1996
+
+
+def resident_kib(path: Path) -> int:
+    """This process's resident pages of its mappings of ``path``, in KiB (from /proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split(maxsplit=5)
+        if len(head) >= 5 and "-" in head[0] and ":" in head[3]:
+            inside = len(head) == 6 and head[5].removesuffix(" (deleted)") == str(path)
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total
+
+
+def test_a_merge_into_files_replays_updates_without_mapping_the_new_codes(tmp_path: Path) -> None:
+    """While the old segment is still mapped, the new one stays unmapped until lookups read it."""
+    rng = random.Random(9)
+    first = [f"{rng.getrandbits(256):064x}" for _ in range(20_000)]
+    later = [f"{rng.getrandbits(256):064x}" for _ in range(300)]
+    files = SnapshotFiles(tmp_path)
+    index = SegmentedIndex.binary(PDQ, fresh_limit=10**9, spill=lambda: files.builder("c", "pdq"))
+    index.add(first)
+    index.merge()
+    index.merge(wait=False)
+    index.add(later)  # recorded, then replayed onto the new segment when it is swapped in
+    index.remove(first[:200] + later[:20])
+    index.merge()
+    segment = index.segment
+    assert segment is not None
+    assert resident_kib(segment.path / "codes.npy") == 0
+    expected = (set(first) - set(first[:200])) | (set(later) - set(later[:20]))
+    assert len(index) == len(expected)
+    probe = first[:300] + later
+    assert index.search(probe, 0) == brute_force(expected, probe, 0)
+    assert resident_kib(segment.path / "codes.npy") > 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.binary(min_size=32, max_size=32), min_size=1, max_size=1200, unique=True),
+    st.lists(st.binary(min_size=32, max_size=32), max_size=60),
+    st.integers(0, 60),
+)
+def test_unmapped_rows_find_what_a_binary_search_of_the_mapping_finds(
+    listed: list[bytes], others: list[bytes], known: int
+) -> None:
+    def codes(rows: list[bytes]) -> np.ndarray:
+        return np.frombuffer(b"".join(rows), dtype=np.uint8).reshape(-1, 32)
+
+    wanted = codes(others + listed[:known])
+    with tempfile.TemporaryDirectory() as scratch:
+        builder = SegmentBuilder(Path(scratch), "c.pdq")
+        segment = write_segment(builder, MihKind(), [(sorted_unique(codes(listed)), None)], codes([]))
+        finder = UnmappedRows(segment)
+        finder.FENCE_ROWS = 7  # many blocks even in a small segment
+        rows, present = finder.rows(wanted)
+        keys = [bytes(row) for row in segment.codes]
+    for code, row, found in zip(wanted, rows.tolist(), present.tolist(), strict=True):
+        assert found == (bytes(code) in keys)
+        if found:
+            assert keys[row] == bytes(code)
 
 
 @settings(max_examples=60, deadline=None)

@@ -122,6 +122,9 @@ class IndexCatalog:
             positions.append(position)
         built = _CollectionIndexes(min(positions), by_signal)
         self._apply_changes(collection, built)
+        for index in by_signal.values():
+            if isinstance(index, SegmentedIndex):
+                index.now_serving()
         return built
 
     def _publish(self, collection: str, signal: str, index: SegmentedIndex) -> None:
@@ -303,6 +306,8 @@ class IndexCatalog:
                     later, _ = self._store.changes_since(collection, reached)
                     self._replay(collection, {name: adopted}, later)
                 current.by_signal[name] = adopted
+            if isinstance(adopted, SegmentedIndex):
+                adopted.now_serving()
 
     def snapshot(self, collection: str) -> None:
         """Merge each segmented index of the collection into files now and publish it at the current position.

@@ -37,7 +37,8 @@ import os
 import secrets
 import shutil
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -61,6 +62,8 @@ class Segment:
     codes: npt.NDArray[np.uint8]
     arrays: Mapping[str, npt.NDArray[np.generic]]
     checksums: Mapping[str, str]
+    path: Path
+    """The segment's directory."""
 
 
 @dataclass(frozen=True)
@@ -137,21 +140,89 @@ class RowReader:
         return self.shape[0]
 
     def __call__(self, start: int, stop: int) -> npt.NDArray[np.generic]:
-        stop = min(stop, self.shape[0])
-        count = max(0, stop - start)
+        with self.opened() as read:
+            return read(start, stop)
+
+    @contextmanager
+    def opened(self) -> Iterator[Callable[[int, int], npt.NDArray[np.generic]]]:
+        """The reader of rows ``[start, stop)`` over one open descriptor, for many reads in a row."""
         fd = os.open(self.path, os.O_RDONLY)
         try:
-            raw = bytearray(count * self._row_bytes)
-            view = memoryview(raw)
-            done = 0
-            while done < len(raw):
-                read = os.preadv(fd, [view[done:]], self._offset + start * self._row_bytes + done)
-                if read == 0:
-                    raise EOFError(f"{self.path.name} ends before row {stop}")
-                done += read
+            yield lambda start, stop: self._read(fd, start, stop)
         finally:
             os.close(fd)
+
+    def _read(self, fd: int, start: int, stop: int) -> npt.NDArray[np.generic]:
+        stop = min(stop, self.shape[0])
+        count = max(0, stop - start)
+        raw = bytearray(count * self._row_bytes)
+        view = memoryview(raw)
+        done = 0
+        while done < len(raw):
+            read = os.preadv(fd, [view[done:]], self._offset + start * self._row_bytes + done)
+            if read == 0:
+                raise EOFError(f"{self.path.name} ends before row {stop}")
+            done += read
         return np.frombuffer(raw, dtype=self.dtype).reshape(count, *self.shape[1:])
+
+
+class UnmappedRows:
+    """Rows of codes in a segment's sorted codes file, found with ``pread`` rather than the mapping.
+
+    Finding even a few hundred codes by binary search in a mapped file maps
+    nearly all of it: each probe lands on another page, and the kernel maps
+    the cached pages around every fault. While a new segment takes over from
+    an old one (a merge replaying the updates made meanwhile, a worker
+    adopting a segment another published), the old one is still mapped and
+    resident, so doing that through the new mapping held both at once. This
+    reads one key in :data:`FENCE_ROWS` once (sequentially, on first use),
+    then one block of rows per code looked up; the new mapping stays untouched
+    until lookups start using it.
+    """
+
+    FENCE_ROWS = 256
+
+    def __init__(self, segment: Segment) -> None:
+        self._reader = RowReader(segment.path / f"{CODES}.npy")
+        self._width = segment.codes.shape[1]
+        self._fence: npt.NDArray[np.void] | None = None
+
+    def _keys(self, rows: npt.NDArray[np.generic]) -> npt.NDArray[np.void]:
+        return np.ascontiguousarray(rows).view(f"V{self._width}").ravel()
+
+    def fence(self) -> npt.NDArray[np.void]:
+        """Every :data:`FENCE_ROWS`-th key, from row 0 (read on first use)."""
+        if self._fence is None:
+            step = self.FENCE_ROWS * 256
+            # Copies, so each chunk read is freed before the next one is.
+            parts = [
+                self._keys(self._reader(begin, begin + step))[:: self.FENCE_ROWS].copy()
+                for begin in range(0, len(self._reader), step)
+            ]
+            self._fence = np.concatenate(parts) if parts else np.empty(0, f"V{self._width}")
+        return self._fence
+
+    def rows(self, codes: npt.NDArray[np.uint8]) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.bool_]]:
+        """Row of each code (where it is or would go), and whether it is there at all."""
+        wanted = self._keys(codes)
+        rows = np.zeros(len(wanted), dtype=np.intp)
+        present = np.zeros(len(wanted), dtype=np.bool_)
+        fence = self.fence()
+        if len(fence) == 0 or len(wanted) == 0:
+            return rows, present
+        blocks = np.maximum(np.searchsorted(fence, wanted, side="right") - 1, 0)
+        order = np.argsort(blocks, kind="stable")
+        starts = np.flatnonzero(np.diff(blocks[order], prepend=-1))
+        ends = [*starts[1:].tolist(), len(order)]
+        with self._reader.opened() as read:
+            for begin, end in zip(starts.tolist(), ends, strict=True):
+                which = order[begin:end]
+                first = int(blocks[which[0]]) * self.FENCE_ROWS
+                keys = self._keys(read(first, first + self.FENCE_ROWS))
+                at = np.minimum(np.searchsorted(keys, wanted[which]), len(keys) - 1)
+                rows[which] = first + at
+                present[which] = keys[at] == wanted[which]
+        return rows, present
 
 
 class SegmentBuilder:
@@ -221,7 +292,7 @@ def _map(path: Path, checksums: Mapping[str, str]) -> Segment:
     codes = arrays.pop(CODES)
     if codes.dtype != np.uint8 or codes.ndim != 2:
         raise ValueError(f"{path.name}: the codes are not a uint8[n, width] array")
-    return Segment(path.name, codes, arrays, dict(checksums))
+    return Segment(path.name, codes, arrays, dict(checksums), path)
 
 
 def _file_sha256(path: Path) -> str:

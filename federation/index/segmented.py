@@ -39,7 +39,7 @@ from .budget import MatchBudget
 from .engines import CodeFormat, FaissBinaryIndex, FlatL2Index, Match, check_max_distance, decode_hashes
 from .mih import MihIndex, choose_widths
 from .mih_tables import offsets_dtype, table_buckets, write_tables
-from .segment_files import CODES, RowReader, Segment, SegmentBuilder
+from .segment_files import CODES, RowReader, Segment, SegmentBuilder, UnmappedRows
 
 Codes = npt.NDArray[np.uint8]
 Arrays = Mapping[str, npt.NDArray[np.generic]]
@@ -265,10 +265,13 @@ class SegmentedIndex:
         self._new_fresh = fresh
         self._kind = large
         self._lock = threading.Lock()
+        self._unmapped: UnmappedRows | None = None
+        """Finds rows in the large segment's files while the segment it replaces may still be mapped."""
         if segment is not None:
             if segment.codes.shape[1] != self._width:
                 raise ValueError(f"the segment holds {segment.codes.shape[1]}-byte codes, not {self._width}")
             self._large = _Large.mapped(segment, large)
+            self._unmapped = UnmappedRows(segment)
         else:
             empty = np.empty((0, self._width), np.uint8)
             ordered = sorted_unique(codes if codes is not None else empty, self._width)
@@ -279,6 +282,17 @@ class SegmentedIndex:
         self._pending: list[tuple[bool, bytes]] | None = None
         self._merger: threading.Thread | None = None
         self.merges = 0
+
+    def now_serving(self) -> None:
+        """Lookups use this index from now on (its first search says so too).
+
+        Until then, an index opened over a published segment finds the rows
+        of the changes replayed onto it in the segment's files rather than
+        through its mapping, since the index it replaces may still be mapped
+        and resident (see :class:`~federation.index.segment_files.UnmappedRows`).
+        """
+        with self._lock:
+            self._unmapped = None
 
     @property
     def segment(self) -> Segment | None:
@@ -320,7 +334,7 @@ class SegmentedIndex:
     def _apply(self, listed: bool, raw: bytes) -> None:
         """Add or remove raw codes (the lock is held)."""
         codes = _as_rows(raw, self._width)
-        rows, present = self._large.rows(codes)
+        rows, present = (self._unmapped or self._large).rows(codes)
         hits = rows[present]
         changing = np.unique(hits[self._deleted[hits] == listed])
         if len(changing):
@@ -365,14 +379,19 @@ class SegmentedIndex:
         started = time.perf_counter()
         large = self._build_large(old, fresh)
         del old, fresh
+        unmapped = UnmappedRows(large.segment) if large.segment is not None else None
+        if unmapped is not None:
+            unmapped.fence()  # read before taking the lock
         with self._lock:
             pending = self._pending or []
             self._large = large
+            self._unmapped = unmapped
             self._deleted = np.zeros(len(large.codes), dtype=np.bool_)
             self._hidden = 0
             self._fresh = self._new_fresh(self.signal)
             for listed, raw in pending:
                 self._apply(listed, raw)
+            self._unmapped = None
             self._pending = None
             self._merger = None
             self.merged_label = label
@@ -404,6 +423,7 @@ class SegmentedIndex:
             # segment's state taken at the same instant, means a lookup sees every
             # batch of updates whole or not at all.
             large, deleted, hidden = self._large, self._deleted, self._hidden
+            self._unmapped = None  # in service: the mapping is being read now anyway
             results = self._fresh.search(queries, max_distance, fresh_budget)
         if large.index is not None and queries:
             found = large.index.search(
