@@ -38,6 +38,7 @@ import aiohttp
 
 from benchmarks.common import DOCS, command_line, free_port, serving, write_docs_section
 from benchmarks.load import build_or_reuse_hub, percentile
+from benchmarks.raw_http import drive, prepared_request
 from federation.httpsig import sign_request
 from federation.keys import SignerKey
 
@@ -76,10 +77,11 @@ def generate(
     With several URLs (replicas), client ``i`` sends to URL ``i`` modulo their number."""
     urls = [url] if isinstance(url, str) else url
     signers = [SignerKey.parse(text) for text in keys]
-    expected = int(seconds * 4_000 / batch) + clients * 10
-    prepared: list[list[tuple[bytes, dict[str, str]]]] = []
+    expected = int(seconds * 8_000 / batch) + clients * 10
+    prepared: list[tuple[str, list[bytes]]] = []
     for client in range(clients):
         signer = signers[client % len(signers)]
+        target = urls[client % len(urls)]
         mine = []
         for number in range(expected // clients + 10):
             start = (client * 7919 + number * batch) % len(queries)
@@ -89,46 +91,23 @@ def generate(
                 "Content-Type": "application/json",
                 **sign_request(signer, "POST", "/v1/lookup", "", body),
             }
-            mine.append((body, headers))
-        prepared.append(mine)
-
-    async def run() -> dict[str, Any]:
-        latencies: list[float] = []
-        statuses: dict[int, int] = {}
-        by_worker: dict[str, int] = {}
-        deadline = time.perf_counter() + seconds
-
-        async def client(target: str, requests: list[tuple[bytes, dict[str, str]]]) -> None:
-            async with aiohttp.ClientSession() as session:
-                for body, headers in requests:
-                    if time.perf_counter() >= deadline:
-                        return
-                    began = time.perf_counter()
-                    async with session.post(target + "/v1/lookup", data=body, headers=headers) as response:
-                        await response.read()
-                        statuses[response.status] = statuses.get(response.status, 0) + 1
-                        worker = response.headers.get("Hashfed-Worker", "0")
-                        by_worker[worker] = by_worker.get(worker, 0) + 1
-                    if response.status == 200:
-                        latencies.append(time.perf_counter() - began)
-
-        cpu_before = resource.getrusage(resource.RUSAGE_SELF)
-        began = time.perf_counter()
-        await asyncio.gather(
-            *(client(urls[number % len(urls)], requests) for number, requests in enumerate(prepared))
-        )
-        elapsed = time.perf_counter() - began
-        cpu_after = resource.getrusage(resource.RUSAGE_SELF)
-        cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
-        return {
-            "latencies": latencies,
-            "statuses": statuses,
+            mine.append(prepared_request(target, "/v1/lookup", headers, body))
+        prepared.append((target, mine))
+    cpu_before = resource.getrusage(resource.RUSAGE_SELF)
+    began = time.perf_counter()
+    tally = drive(prepared, seconds)
+    elapsed = time.perf_counter() - began
+    cpu_after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
+    out.put(
+        {
+            "latencies": tally.latencies,
+            "statuses": tally.statuses,
             "seconds": elapsed,
             "generator_cpu": cpu,
-            "by_worker": by_worker,
+            "by_worker": tally.by_worker,
         }
-
-    out.put(asyncio.run(run()))
+    )
 
 
 async def until_ready(url: str, workers: int) -> None:
