@@ -13,10 +13,12 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -34,13 +36,17 @@ from helpers import (
     pdq,
     wait_ready,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from federation.client import HubClient, HubError
 from federation.config import ConfigError, HubConfig
+from federation.httpsig import SignatureRefused, VerifiedRequest
 from federation.hub import create_app, open_node
 from federation.hub.app import RUNTIME, HubRuntime
-from federation.hub.limits import ADMISSION, RateLimited, RateLimiter
+from federation.hub.limits import ADMISSION, Guard, RateLimited, RateLimiter, RequestGuard
 from federation.hub.server import start_server
+from federation.hub.shared_guard import SharedRequestGuard, SharedState, create_state
 from federation.node import Node
 
 ENTRIES = f"/v1/collections/{COLLECTION}/entries"
@@ -452,3 +458,38 @@ async def test_requests_aiohttp_cannot_parse_are_answered_as_problems(
         reply = parse_reply(raw)
         body = assert_problem(reply, 400, "http-error")
         assert said in body["detail"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 5), st.integers(0, 2)), max_size=30), st.integers(1, 4))
+def test_admitting_requests_together_refuses_what_admitting_them_one_by_one_refuses(
+    requests: list[tuple[int, int]], burst: int
+) -> None:
+    """Batch admission (lookups answered together) refuses what the in-process guard refuses one by one."""
+    signatures = [bytes([number]) * 64 for number in range(6)]
+    verified = [VerifiedRequest(f"key{key}", 0, signatures[number]) for number, key in requests]
+    now = int(time.time())
+
+    def one_by_one(guard: Guard) -> list[str]:
+        outcomes = []
+        for request in verified:
+            try:
+                guard.admit(request, now)
+                outcomes.append("admitted")
+            except (SignatureRefused, RateLimited) as refusal:
+                outcomes.append(type(refusal).__name__)
+        return outcomes
+
+    def together(guard: Guard) -> list[str]:
+        refusals = guard.admit_many(verified, now)
+        return ["admitted" if refusal is None else type(refusal).__name__ for refusal in refusals]
+
+    rate = 0.001  # no token comes back while the test runs
+    expected = one_by_one(RequestGuard(RateLimiter(rate, burst)))
+    assert together(RequestGuard(RateLimiter(rate, burst))) == expected
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "workers.sqlite3"
+        create_state(path)
+        shared = SharedRequestGuard(SharedState(path), rate, burst)
+        assert together(shared) == expected
+        assert together(shared) == ["SignatureRefused"] * len(verified)  # each one seen now

@@ -39,7 +39,7 @@ import math
 import ssl
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import suppress
 from types import MappingProxyType
 from typing import Protocol, cast
@@ -48,7 +48,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from ..config import HubConfig
-from ..httpsig import ReplayGuard, VerifiedRequest
+from ..httpsig import ReplayGuard, SignatureRefused, VerifiedRequest
 from .problems import PROBLEM_CONTENT_TYPE, PROBLEM_TYPE_PREFIX, Problem, problem_request_handlers
 
 EXEMPT_PATHS = frozenset({"/v1/health", "/v1/ready"})
@@ -169,6 +169,23 @@ class Guard(Protocol):
 
     def admit(self, verified: VerifiedRequest, now: int) -> None: ...
 
+    def admit_many(self, verified: Sequence[VerifiedRequest], now: int) -> list[Exception | None]:
+        """:meth:`admit` for several requests in order: each one's refusal, or None (never raises one)."""
+        ...
+
+
+def admit_each(guard: Guard, verified: Sequence[VerifiedRequest], now: int) -> list[Exception | None]:
+    """``guard.admit_many`` for a guard that gains nothing by taking several at once."""
+    refusals: list[Exception | None] = []
+    for request in verified:
+        try:
+            guard.admit(request, now)
+        except (SignatureRefused, RateLimited) as refusal:
+            refusals.append(refusal)
+        else:
+            refusals.append(None)
+    return refusals
+
 
 class RequestGuard(ReplayGuard):
     """What a request whose signature verified must still pass: not a replay, and within its key's rate.
@@ -185,6 +202,9 @@ class RequestGuard(ReplayGuard):
         self.check_and_remember(verified.signature, now)
         if self.rates is not None:
             self.rates.charge(verified.key_id)
+
+    def admit_many(self, verified: Sequence[VerifiedRequest], now: int) -> list[Exception | None]:
+        return admit_each(self, verified, now)
 
 
 def rate_limiter(config: HubConfig) -> RateLimiter | None:

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 
 from ..httpsig import MAX_CLOCK_SKEW, VerifiedRequest, replayed
 from ..node import Node
 from ..store.postgres import PostgresStore
-from .limits import RateLimiter
+from .limits import RateLimiter, admit_each
 
 log = logging.getLogger("hashfed.hub")
 
@@ -41,6 +42,9 @@ class DatabaseReplayGuard:
             raise replayed(max(0, now - (seen - self.window)))
         if self.rates is not None:
             self.rates.charge(verified.key_id)
+
+    def admit_many(self, verified: Sequence[VerifiedRequest], now: int) -> list[Exception | None]:
+        return admit_each(self, verified, now)  # one statement each: the database is the round trip
 
 
 def follow_replicas(node: Node, store: PostgresStore, stop: threading.Event) -> threading.Thread:

@@ -29,7 +29,7 @@ from ..state import Refusal
 from ..store.base import SourceRecord
 from ..sync.wire import match_json, source_json
 from .app import RUNTIME, HubRuntime
-from .auth import Caller, SignedRequest, authenticate
+from .auth import Caller, SignedRequest, authenticate, authenticate_many
 from .batching import Answer, RequestBatches
 from .logs import CALLER_KEY_ID, entry_counts
 from .metrics import metrics_endpoint
@@ -379,10 +379,13 @@ def _answer_lookups(runtime: HubRuntime, batch: list[LookupRequest]) -> list[byt
     """Answers (or refusals) of a batch of lookups, in order, with one search per collection set."""
     node = runtime.node
     existing, sources = node.collections(), node.sources()
+    callers = authenticate_many(node, runtime.guard, [(signed, body) for signed, body, _ in batch])
     prepared: list[tuple[list[str], list[Query]] | BaseException] = []
-    for signed, body, request in batch:
+    for (_, body, request), caller in zip(batch, callers, strict=True):
         try:
-            prepared.append(_prepare_lookup(runtime, signed, body, request, existing, sources))
+            if isinstance(caller, Exception):
+                raise caller
+            prepared.append(_prepare_lookup(runtime, caller, body, request, existing, sources))
         except Exception as exc:  # this request's refusal, raised in its own handler
             prepared.append(exc)
     accepted = [lookup for lookup in prepared if not isinstance(lookup, BaseException)]
@@ -403,14 +406,13 @@ def _answer_lookups(runtime: HubRuntime, batch: list[LookupRequest]) -> list[byt
 
 def _prepare_lookup(
     runtime: HubRuntime,
-    signed: SignedRequest,
+    caller: Caller,
     body: bytes,
     request: web.Request,
     existing: list[str],
     sources: dict[str, SourceRecord],
 ) -> tuple[list[str], list[Query]]:
-    """Authenticate and parse one lookup: the collections it searches and its queries."""
-    caller = authenticate(runtime.node, runtime.guard, signed, body)
+    """Parse one authenticated lookup: the collections it searches and its queries."""
     request[CALLER_KEY_ID] = caller.key_id  # for the request's log line
     queries, asked = _parse_lookup(
         _json_body(body, "lookup body"), runtime.config.max_queries, runtime.config.lookup_defaults

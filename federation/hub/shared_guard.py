@@ -5,8 +5,8 @@ the same port, so what one worker has seen must bind the others: a signature
 used at one worker is refused at every other, a key's rate is one budget
 whoever answers, and a console login holds on every worker. This keeps that
 state in a small SQLite file beside the log (``DIR/workers.sqlite3``): one
-short write transaction per signed request, serialised by SQLite across the
-processes. It holds nothing the log depends on; it is recreated empty at
+short write transaction per signed request (per batch of them, for lookups
+answered together), serialised by SQLite across the processes. It holds nothing the log depends on; it is recreated empty at
 every start of the hub (a signature's replay window is minutes long, and the
 hub refuses signatures older than its clock skew anyway).
 
@@ -23,6 +23,7 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..httpsig import MAX_CLOCK_SKEW, VerifiedRequest, replayed
@@ -123,25 +124,33 @@ class SharedRequestGuard:
         self._admitted = 0
 
     def admit(self, verified: VerifiedRequest, now: int) -> None:
-        refusal = None
-        with self.state.transaction() as conn:
-            self._admitted += 1
-            if self._admitted % PRUNE_EVERY == 0:
-                conn.execute("DELETE FROM seen WHERE expires < ?", (now,))
-            row = conn.execute(
-                "SELECT expires FROM seen WHERE signature = ?", (verified.signature,)
-            ).fetchone()
-            if row is not None and int(row[0]) >= now:
-                raise replayed(now - (int(row[0]) - self.window))
-            conn.execute(
-                "INSERT INTO seen (signature, expires) VALUES (?, ?) "
-                "ON CONFLICT (signature) DO UPDATE SET expires = excluded.expires",
-                (verified.signature, now + self.window),
-            )
-            if self.rate > 0:
-                refusal = self._charge(conn, verified.key_id)
-        if refusal is not None:  # raised after the commit: the signature stays remembered
+        refusal = self.admit_many([verified], now)[0]
+        if refusal is not None:
             raise refusal
+
+    def admit_many(self, verified: Sequence[VerifiedRequest], now: int) -> list[Exception | None]:
+        """Every request's admission in one transaction (one turn of the workers' lock for a batch)."""
+        refusals: list[Exception | None] = []
+        with self.state.transaction() as conn:
+            for request in verified:
+                self._admitted += 1
+                if self._admitted % PRUNE_EVERY == 0:
+                    conn.execute("DELETE FROM seen WHERE expires < ?", (now,))
+                # Remembered unless seen and not yet expired: then nothing changes, and it is a replay.
+                remembered = conn.execute(
+                    "INSERT INTO seen (signature, expires) VALUES (?, ?) ON CONFLICT (signature) "
+                    "DO UPDATE SET expires = excluded.expires WHERE seen.expires < ?",
+                    (request.signature, now + self.window, now),
+                ).rowcount
+                if not remembered:
+                    row = conn.execute("SELECT expires FROM seen WHERE signature = ?", (request.signature,))
+                    expires = int(row.fetchone()[0])
+                    refusals.append(replayed(now - (expires - self.window)))
+                elif self.rate > 0:  # one over its rate is refused, its signature still remembered
+                    refusals.append(self._charge(conn, request.key_id))
+                else:
+                    refusals.append(None)
+        return refusals
 
     def _charge(self, conn: sqlite3.Connection, key_id: str) -> RateLimited | None:
         """Take one token from ``key_id``'s bucket, or return the refusal (wall-clock time: the workers
