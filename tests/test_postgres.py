@@ -69,6 +69,21 @@ def test_migrations_run_once_and_a_newer_schema_is_refused(empty_database: str) 
         PostgresStore(empty_database)
 
 
+def test_request_signatures_are_new_once_across_replicas_and_again_after_they_expire(
+    empty_database: str,
+) -> None:
+    first, second = PostgresStore(empty_database), PostgresStore(empty_database)  # two replicas
+    try:
+        a, b, c = b"\x01" * 64, b"\x02" * 64, b"\x00" * 64
+        assert first.first_uses([a, b, a], 1_000, 1_600) == [None, None, 1_600]  # twice in one batch
+        assert second.first_uses([b, c], 1_010, 1_610) == [1_600, None]
+        assert first.first_uses([], 1_010, 1_610) == []
+        assert second.first_uses([a, c], 1_601, 2_201) == [None, 1_610]  # a expired at 1,600
+    finally:
+        first.close()
+        second.close()
+
+
 def test_an_unreachable_database_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(
         ConfigError, match=r"cannot connect to the database postgresql://hashfed:\*\*\*@127.0.0.1:9/"

@@ -174,19 +174,6 @@ class Guard(Protocol):
         ...
 
 
-def admit_each(guard: Guard, verified: Sequence[VerifiedRequest], now: int) -> list[Exception | None]:
-    """``guard.admit_many`` for a guard that gains nothing by taking several at once."""
-    refusals: list[Exception | None] = []
-    for request in verified:
-        try:
-            guard.admit(request, now)
-        except (SignatureRefused, RateLimited) as refusal:
-            refusals.append(refusal)
-        else:
-            refusals.append(None)
-    return refusals
-
-
 class RequestGuard(ReplayGuard):
     """What a request whose signature verified must still pass: not a replay, and within its key's rate.
 
@@ -204,7 +191,15 @@ class RequestGuard(ReplayGuard):
             self.rates.charge(verified.key_id)
 
     def admit_many(self, verified: Sequence[VerifiedRequest], now: int) -> list[Exception | None]:
-        return admit_each(self, verified, now)
+        refusals: list[Exception | None] = []
+        for request in verified:
+            try:
+                self.admit(request, now)
+            except (SignatureRefused, RateLimited) as refusal:
+                refusals.append(refusal)
+            else:
+                refusals.append(None)
+        return refusals
 
 
 def rate_limiter(config: HubConfig) -> RateLimiter | None:

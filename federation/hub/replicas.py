@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from ..httpsig import MAX_CLOCK_SKEW, VerifiedRequest, replayed
 from ..node import Node
 from ..store.postgres import PostgresStore
-from .limits import RateLimiter, admit_each
+from .limits import RateLimited, RateLimiter
 
 log = logging.getLogger("hashfed.hub")
 
@@ -37,14 +37,25 @@ class DatabaseReplayGuard:
         self.window = window
 
     def admit(self, verified: VerifiedRequest, now: int) -> None:
-        seen = self.store.first_use(verified.signature, now, now + self.window)
-        if seen is not None:
-            raise replayed(max(0, now - (seen - self.window)))
-        if self.rates is not None:
-            self.rates.charge(verified.key_id)
+        refusal = self.admit_many([verified], now)[0]
+        if refusal is not None:
+            raise refusal
 
     def admit_many(self, verified: Sequence[VerifiedRequest], now: int) -> list[Exception | None]:
-        return admit_each(self, verified, now)  # one statement each: the database is the round trip
+        """Every request's admission with one round trip to the database (one per batch of lookups)."""
+        firsts = self.store.first_uses([request.signature for request in verified], now, now + self.window)
+        refusals: list[Exception | None] = []
+        for request, seen in zip(verified, firsts, strict=True):
+            if seen is not None:
+                refusals.append(replayed(max(0, now - (seen - self.window))))
+                continue
+            try:
+                if self.rates is not None:
+                    self.rates.charge(request.key_id)
+                refusals.append(None)
+            except RateLimited as refusal:
+                refusals.append(refusal)
+        return refusals
 
 
 def follow_replicas(node: Node, store: PostgresStore, stop: threading.Event) -> threading.Thread:

@@ -212,23 +212,42 @@ class PostgresStore(SqlStore):
 
     # ---- replay protection across replicas -----------------------------------
 
-    def first_use(self, signature: bytes, now: int, expires: int) -> int | None:
-        """Record a request signature until ``expires``; None if new, else the expiry it was seen with.
+    def first_uses(self, signatures: Sequence[bytes], now: int, expires: int) -> list[int | None]:
+        """Record request signatures until ``expires``: for each, None if new, else the expiry it was seen with.
 
-        One statement, atomic across replicas: of two replicas given the same
-        signature at once, exactly one gets None.
+        One statement for all, atomic across replicas: of two replicas given
+        the same signature at once, exactly one gets None. A signature given
+        twice here is new at most the first time.
         """
+        distinct = list(dict.fromkeys(signatures))
+        if not distinct:
+            return []
         with self._connection() as conn:
-            row = conn.execute(
-                "INSERT INTO seen_signatures (signature, expires) VALUES (?, ?) ON CONFLICT (signature) "
-                "DO UPDATE SET expires = excluded.expires WHERE seen_signatures.expires < ? RETURNING expires",
-                (signature, expires, now),
-            ).fetchone()
-            if row is not None:
-                if signature[0] == 0:  # about one new signature in 256 forgets the expired ones
-                    conn.execute("DELETE FROM seen_signatures WHERE expires < ?", (now,))
-                return None
-            row = conn.execute(
-                "SELECT expires FROM seen_signatures WHERE signature = ?", (signature,)
-            ).fetchone()
-        return int(row[0]) if row is not None else now
+            recorded = {
+                bytes(row[0])
+                for row in conn.execute(
+                    "INSERT INTO seen_signatures (signature, expires) SELECT s, ? FROM unnest(?::bytea[]) AS s "
+                    "ON CONFLICT (signature) DO UPDATE SET expires = excluded.expires "
+                    "WHERE seen_signatures.expires < ? RETURNING signature",
+                    (expires, distinct, now),
+                ).fetchall()
+            }
+            if any(signature[0] == 0 for signature in recorded):  # about one in 256 forgets the expired ones
+                conn.execute("DELETE FROM seen_signatures WHERE expires < ?", (now,))
+            again = [signature for signature in distinct if signature not in recorded]
+            rows = (
+                conn.execute(
+                    "SELECT signature, expires FROM seen_signatures WHERE signature = ANY(?)", (again,)
+                ).fetchall()
+                if again
+                else []
+            )
+        seen = {bytes(row[0]): int(row[1]) for row in rows}
+        firsts: list[int | None] = []
+        for signature in signatures:
+            if signature in recorded:
+                recorded.discard(signature)
+                firsts.append(None)
+            else:
+                firsts.append(seen.get(signature, expires))
+        return firsts
