@@ -52,9 +52,15 @@ from federation.admin import add_collection, change_membership
 from federation.cli import main as cli_main
 from federation.client import HubClient
 from federation.envelope import Grant
+from federation.httpsig import sign_request
 from federation.hub import auth as hub_auth
+from federation.hub import open_node
 from federation.hub.app import RUNTIME
+from federation.hub.auth import Caller, SignedRequest
+from federation.hub.limits import RequestGuard
 from federation.keys import SignerKey, write_signer_file
+from federation.state import KeyRecord
+from tests.sync_helpers import READ, make_hub
 
 REPO = Path(__file__).resolve().parents[1]
 READ_WRITE = frozenset({"read", "write"})
@@ -680,3 +686,39 @@ def test_admin_commands_refuse_a_hub_key_open_to_group_or_others(
     hub_key.chmod(0o600)
     assert cli_main(["member", "list", str(federation.data.path)]) == 0
     assert "newcomer" not in capsys.readouterr().out
+
+
+def test_lookups_answered_together_read_each_keys_records_once_and_keep_their_own_outcomes(
+    tmp_path: Path,
+) -> None:
+    hub = make_hub(tmp_path, "hub", {"alice": READ, "bob": READ})
+    node = open_node(hub.data)
+    reads: list[str] = []
+    read_records = node.store.key_memberships
+
+    def counted(key_id: str) -> list[tuple[str, KeyRecord]]:
+        reads.append(key_id)
+        return read_records(key_id)
+
+    node.store.key_memberships = counted  # type: ignore[method-assign]
+    stranger = SignerKey.generate("stranger")
+
+    def signed(key: SignerKey, number: int) -> tuple[SignedRequest, bytes]:
+        body = json.dumps({"queries": [{"type": "pdq", "hash": f"{number:064x}"}]}).encode()
+        headers = {"Content-Type": "application/json", **sign_request(key, "POST", "/v1/lookup", "", body)}
+        return SignedRequest("POST", "/v1/lookup", "", headers), body
+
+    alice, bob = hub.members["alice"], hub.members["bob"]
+    batch = [signed(alice, 1), signed(bob, 2), signed(alice, 3), signed(stranger, 4)]
+    batch.append(batch[0])  # the same signature again: a replay
+    outcomes = hub_auth.authenticate_many(node, RequestGuard(), batch)
+    assert [o.key_id if isinstance(o, Caller) else o.status for o in outcomes] == [
+        alice.key_id,
+        bob.key_id,
+        alice.key_id,
+        401,
+        401,
+    ]
+    assert "unknown key id" in str(outcomes[3])
+    assert "replayed signature" in str(outcomes[4])
+    assert sorted(reads) == sorted([alice.key_id, bob.key_id, stranger.key_id])

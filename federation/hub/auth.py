@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -99,10 +99,19 @@ def authenticate_many(
 ) -> list[Caller | Problem]:
     """:func:`authenticate` for several requests with their bodies: each one's caller or refusal, in order.
 
-    The guard admits them all at once: with several workers, one transaction
-    on their shared state for the batch instead of one per request.
+    Each key's records are read once for the batch, and the guard admits
+    them all at once: with several workers one transaction on their shared
+    state, with PostgreSQL replicas one statement, instead of one per request.
     """
     now = int(time.time())
+    known: dict[str, list[tuple[str, KeyRecord]]] = {}
+
+    def read_records(key_id: str) -> list[tuple[str, KeyRecord]]:
+        # Read once per key for the batch: one query to a PostgreSQL store per key, not per request.
+        if key_id not in known:
+            known[key_id] = node.store.key_memberships(key_id)
+        return known[key_id]
+
     outcomes: list[Caller | Problem] = []
     to_admit: list[int] = []
     for signed, body in requests:
@@ -110,7 +119,7 @@ def authenticate_many(
             if signed.early is not None:
                 outcomes.append(authenticate(node, guard, signed, body))
             else:
-                outcomes.append(_verified_caller(node, signed, body, now, None))
+                outcomes.append(_verified_caller(node, signed, body, now, None, read_records))
                 to_admit.append(len(outcomes) - 1)
         except Problem as refusal:
             outcomes.append(refusal)
@@ -123,16 +132,25 @@ def authenticate_many(
 
 
 def _verified_caller(
-    node: Node, signed: SignedRequest, body: bytes | None, now: int, has_body: bool | None
+    node: Node,
+    signed: SignedRequest,
+    body: bytes | None,
+    now: int,
+    has_body: bool | None,
+    read_records: Callable[[str], list[tuple[str, KeyRecord]]] | None = None,
 ) -> Caller:
-    """The caller whose key verifies the request's signature, with its memberships (the guard not asked)."""
+    """The caller whose key verifies the request's signature, with its memberships (the guard not asked).
+
+    ``read_records`` reads a key id's records (by default from the store).
+    """
     records: list[tuple[str, KeyRecord]] = []
+    read_memberships = read_records or node.store.key_memberships
 
     def resolve(key_id: str) -> list[VerifierKey]:
         # A key id names a key by a 32-bit hash, so several keys may share one
         # (granted here, or in a log mirrored from a peer): every one is tried,
         # and only the records of the key that verifies give rights.
-        records.extend(node.store.key_memberships(key_id))
+        records.extend(read_memberships(key_id))
         keys = list(dict.fromkeys(record.key for _, record in records))
         return [node.hub_key, *keys] if key_id == node.hub_key.key_id else keys
 
