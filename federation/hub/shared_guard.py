@@ -131,6 +131,8 @@ class SharedRequestGuard:
     def admit_many(self, verified: Sequence[VerifiedRequest], now: int) -> list[Exception | None]:
         """Every request's admission in one transaction (one turn of the workers' lock for a batch)."""
         refusals: list[Exception | None] = []
+        if not verified:
+            return refusals
         with self.state.transaction() as conn:
             for request in verified:
                 self._admitted += 1
