@@ -484,9 +484,10 @@ def test_a_merge_into_files_replays_updates_without_mapping_the_new_codes(tmp_pa
     st.lists(st.binary(min_size=32, max_size=32), min_size=1, max_size=1200, unique=True),
     st.lists(st.binary(min_size=32, max_size=32), max_size=60),
     st.integers(0, 60),
+    st.sampled_from([2048, 0]),
 )
 def test_unmapped_rows_find_what_a_binary_search_of_the_mapping_finds(
-    listed: list[bytes], others: list[bytes], known: int
+    listed: list[bytes], others: list[bytes], known: int, few_blocks: int
 ) -> None:
     def codes(rows: list[bytes]) -> np.ndarray:
         return np.frombuffer(b"".join(rows), dtype=np.uint8).reshape(-1, 32)
@@ -497,6 +498,8 @@ def test_unmapped_rows_find_what_a_binary_search_of_the_mapping_finds(
         segment = write_segment(builder, MihKind(), [(sorted_unique(codes(listed)), None)], codes([]))
         finder = UnmappedRows(segment)
         finder.FENCE_ROWS = 7  # many blocks even in a small segment
+        finder.FEW_BLOCKS = few_blocks  # 0: always read spans of blocks
+        finder.SPAN_BLOCKS = 3
         rows, present = finder.rows(wanted)
         keys = [bytes(row) for row in segment.codes]
     for code, row, found in zip(wanted, rows.tolist(), present.tolist(), strict=True):

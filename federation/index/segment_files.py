@@ -181,6 +181,9 @@ class UnmappedRows:
     """
 
     FENCE_ROWS = 256
+    FEW_BLOCKS = 2048
+    """Up to this many blocks a look-up reads block by block; beyond, :data:`SPAN_BLOCKS` at a time."""
+    SPAN_BLOCKS = 256
 
     def __init__(self, segment: Segment) -> None:
         self._reader = RowReader(segment.path / f"{CODES}.npy")
@@ -211,14 +214,19 @@ class UnmappedRows:
         if len(fence) == 0 or len(wanted) == 0:
             return rows, present
         blocks = np.maximum(np.searchsorted(fence, wanted, side="right") - 1, 0)
-        order = np.argsort(blocks, kind="stable")
-        starts = np.flatnonzero(np.diff(blocks[order], prepend=-1))
+        # Many codes: read a few large spans rather than a block per code (the
+        # loop costs microseconds a read; a whole 10M-code file reads in 0.2 s).
+        distinct = len(np.unique(blocks))
+        per_read = self.FENCE_ROWS * (1 if distinct <= self.FEW_BLOCKS else self.SPAN_BLOCKS)
+        spans = blocks * self.FENCE_ROWS // per_read
+        order = np.argsort(spans, kind="stable")
+        starts = np.flatnonzero(np.diff(spans[order], prepend=-1))
         ends = [*starts[1:].tolist(), len(order)]
         with self._reader.opened() as read:
             for begin, end in zip(starts.tolist(), ends, strict=True):
                 which = order[begin:end]
-                first = int(blocks[which[0]]) * self.FENCE_ROWS
-                keys = self._keys(read(first, first + self.FENCE_ROWS))
+                first = int(spans[which[0]]) * per_read
+                keys = self._keys(read(first, first + per_read))
                 at = np.minimum(np.searchsorted(keys, wanted[which]), len(keys) - 1)
                 rows[which] = first + at
                 present[which] = keys[at] == wanted[which]
