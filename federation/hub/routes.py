@@ -382,11 +382,12 @@ def _answer_lookups(runtime: HubRuntime, batch: list[LookupRequest]) -> list[byt
     callers = authenticate_many(node, runtime.guard, [(signed, body) for signed, body, _ in batch])
     prepared: list[tuple[list[str], list[Query]] | BaseException] = []
     for (_, body, request), caller in zip(batch, callers, strict=True):
+        if isinstance(caller, Exception):  # each refusal is raised in its own request's handler
+            prepared.append(caller)
+            continue
         try:
-            if isinstance(caller, Exception):
-                raise caller
             prepared.append(_prepare_lookup(runtime, caller, body, request, existing, sources))
-        except Exception as exc:  # this request's refusal, raised in its own handler
+        except Exception as exc:  # a body or a right refused: likewise
             prepared.append(exc)
     accepted = [lookup for lookup in prepared if not isinstance(lookup, BaseException)]
     assert runtime.batcher is not None

@@ -176,8 +176,8 @@ class UnmappedRows:
     adopting a segment another published), the old one is still mapped and
     resident, so doing that through the new mapping held both at once. This
     reads one key in :data:`FENCE_ROWS` once (sequentially, on first use),
-    then one block of rows per code looked up; the new mapping stays untouched
-    until lookups start using it.
+    then the block of rows each code falls in (spans of blocks when there
+    are many); the new mapping stays untouched until lookups start using it.
     """
 
     FENCE_ROWS = 256
@@ -196,7 +196,7 @@ class UnmappedRows:
     def fence(self) -> npt.NDArray[np.void]:
         """Every :data:`FENCE_ROWS`-th key, from row 0 (read on first use)."""
         if self._fence is None:
-            step = self.FENCE_ROWS * 256
+            step = self.FENCE_ROWS * self.SPAN_BLOCKS
             # Copies, so each chunk read is freed before the next one is.
             parts = [
                 self._keys(self._reader(begin, begin + step))[:: self.FENCE_ROWS].copy()
