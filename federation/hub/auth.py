@@ -113,19 +113,21 @@ def authenticate_many(
         return known[key_id]
 
     outcomes: list[Caller | Problem] = []
-    to_admit: list[int] = []
+    to_admit: list[tuple[int, VerifiedRequest]] = []  # (position, its verified signature)
     for signed, body in requests:
         try:
             if signed.early is not None:
                 outcomes.append(authenticate(node, guard, signed, body))
-            else:
-                outcomes.append(_verified_caller(node, signed, body, now, None, read_records))
-                to_admit.append(len(outcomes) - 1)
+                continue
+            caller = _verified_caller(node, signed, body, now, None, read_records)
         except Problem as refusal:
             outcomes.append(refusal)
-    admitted = [outcomes[position] for position in to_admit]
-    verified = [caller.verified for caller in admitted if isinstance(caller, Caller) and caller.verified]
-    for position, refused in zip(to_admit, guard.admit_many(verified, now), strict=True):
+            continue
+        assert caller.verified is not None
+        to_admit.append((len(outcomes), caller.verified))
+        outcomes.append(caller)
+    refusals = guard.admit_many([verified for _, verified in to_admit], now)
+    for (position, _), refused in zip(to_admit, refusals, strict=True):
         if refused is not None:
             outcomes[position] = _as_problem(refused)
     return outcomes
