@@ -128,6 +128,17 @@ def make_hub(root: Path, name: str, members: dict[str, frozenset[str]], database
     return LiveHub(name, data, data.signer(), keys)
 
 
+def set_config(data: DataDir, settings: str) -> None:
+    """Put ``settings`` (hub.toml lines) into the hub's config, replacing the settings of the same names."""
+    changed = {line.split("=")[0].strip() for line in settings.splitlines()}
+    kept = [
+        line
+        for line in data.config_file.read_text().splitlines()
+        if line.split("=")[0].strip() not in changed
+    ]
+    data.config_file.write_text("\n".join(kept) + "\n" + settings)
+
+
 def clone_hub(hub: LiveHub, root: Path, label: str) -> LiveHub:
     """A second hub with the same key and the same log so far: a hub that will show another history."""
     copy = root / f"{hub.name}-{label}"

@@ -469,27 +469,32 @@ def test_admitting_requests_together_refuses_what_admitting_them_one_by_one_refu
     signatures = [bytes([number]) * 64 for number in range(6)]
     verified = [VerifiedRequest(f"key{key}", 0, signatures[number]) for number, key in requests]
     now = int(time.time())
-
-    def one_by_one(guard: Guard) -> list[str]:
-        outcomes = []
-        for request in verified:
-            try:
-                guard.admit(request, now)
-                outcomes.append("admitted")
-            except (SignatureRefused, RateLimited) as refusal:
-                outcomes.append(type(refusal).__name__)
-        return outcomes
-
-    def together(guard: Guard) -> list[str]:
-        refusals = guard.admit_many(verified, now)
-        return ["admitted" if refusal is None else type(refusal).__name__ for refusal in refusals]
-
     rate = 0.001  # no token comes back while the test runs
-    expected = one_by_one(RequestGuard(RateLimiter(rate, burst)))
-    assert together(RequestGuard(RateLimiter(rate, burst))) == expected
+    expected = admitted_one_by_one(RequestGuard(RateLimiter(rate, burst)), verified, now)
+    assert admitted_together(RequestGuard(RateLimiter(rate, burst)), verified, now) == expected
     with tempfile.TemporaryDirectory() as scratch:
         path = Path(scratch) / "workers.sqlite3"
         create_state(path)
         shared = SharedRequestGuard(SharedState(path), rate, burst)
-        assert together(shared) == expected
-        assert together(shared) == ["SignatureRefused"] * len(verified)  # each one seen now
+        assert admitted_together(shared, verified, now) == expected
+        assert admitted_together(shared, verified, now) == ["SignatureRefused"] * len(
+            verified
+        )  # each one seen
+
+
+def admitted_one_by_one(guard: Guard, verified: list[VerifiedRequest], now: int) -> list[str]:
+    """Each request's outcome through ``guard.admit``: "admitted" or the refusal's class name."""
+    outcomes = []
+    for request in verified:
+        try:
+            guard.admit(request, now)
+            outcomes.append("admitted")
+        except (SignatureRefused, RateLimited) as refusal:
+            outcomes.append(type(refusal).__name__)
+    return outcomes
+
+
+def admitted_together(guard: Guard, verified: list[VerifiedRequest], now: int) -> list[str]:
+    """Each request's outcome through one ``guard.admit_many``."""
+    refusals = guard.admit_many(verified, now)
+    return ["admitted" if refusal is None else type(refusal).__name__ for refusal in refusals]

@@ -13,10 +13,15 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from federation.admin import init_hub
 from federation.config import ConfigError, DataDir
+from federation.httpsig import VerifiedRequest
 from federation.hub import open_node
+from federation.hub.limits import RateLimiter, RequestGuard
+from federation.hub.replicas import DatabaseRequestGuard
 from federation.signals import MD5, PDQ
 from federation.store.base import StoreError
 from federation.store.postgres import PostgresStore
@@ -25,6 +30,7 @@ from tests.faults import hashfed, start_hashfed, wait_exit
 from tests.helpers import batch_doc, envelope, item, md5, node_lookup, opinion_doc, pdq
 from tests.postgres_server import PostgresServer
 from tests.sync_helpers import COLLECTION, READ, READ_WRITE, make_hub
+from tests.test_limits import admitted_one_by_one, admitted_together
 
 
 @pytest.fixture
@@ -82,6 +88,50 @@ def test_request_signatures_are_new_once_across_replicas_and_again_after_they_ex
     finally:
         first.close()
         second.close()
+
+
+def test_a_keys_tokens_are_one_bucket_across_replicas_refilled_by_the_database_clock(
+    empty_database: str,
+) -> None:
+    first, second = PostgresStore(empty_database), PostgresStore(empty_database)  # two replicas
+    try:
+        slow = 0.001  # no token comes back while the test runs
+        assert first.take_tokens([("b", 5), ("a", 2)], slow, 3) == [(3, 0.0), (2, 1.0)]
+        ((granted, left),) = second.take_tokens([("a", 2)], slow, 3)
+        assert granted == 1 and left == pytest.approx(0.0, abs=0.01)
+        ((granted, left),) = first.take_tokens([("a", 1)], slow, 3)
+        assert granted == 0 and left < 1
+        assert first.take_tokens([], slow, 3) == []
+        fast = 1_000.0  # a full bucket again within a few milliseconds
+        time.sleep(0.05)
+        assert second.take_tokens([("a", 5)], fast, 3) == [(3, pytest.approx(0.0, abs=0.01))]
+    finally:
+        first.close()
+        second.close()
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.integers(0, 5), st.integers(0, 2)), max_size=30), st.integers(1, 4))
+def test_admission_in_the_database_refuses_what_one_process_refuses_one_by_one(
+    empty_database: str, requests: list[tuple[int, int]], burst: int
+) -> None:
+    """Replicas' admission (replays, then each key's rate) matches the in-process guard's, request by request."""
+    signatures = [bytes([number + 1]) * 64 for number in range(6)]
+    verified = [VerifiedRequest(f"key{key}", 0, signatures[number]) for number, key in requests]
+    now = int(time.time())
+    rate = 0.001  # no token comes back while the test runs
+    expected = admitted_one_by_one(RequestGuard(RateLimiter(rate, burst)), verified, now)
+    store = PostgresStore(empty_database, pool_size=1)  # its schema, made by the first example
+    try:
+        with psycopg.connect(empty_database, autocommit=True) as conn:
+            conn.execute("TRUNCATE seen_signatures, rate_buckets")
+        guard = DatabaseRequestGuard(store, rate, burst)
+        assert admitted_together(guard, verified, now) == expected
+        assert admitted_together(guard, verified, now) == ["SignatureRefused"] * len(
+            verified
+        )  # each one seen
+    finally:
+        store.close()
 
 
 def test_an_unreachable_database_is_a_clear_error(tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ from federation.merkle import leaf_hash
 from federation.payloads import parse_payload
 from tests.faults import free_port, start_hashfed, wait_exit
 from tests.postgres_server import PostgresServer
-from tests.sync_helpers import COLLECTION, READ, READ_WRITE, LiveHub, make_hub, pdq
+from tests.sync_helpers import COLLECTION, READ, READ_WRITE, LiveHub, make_hub, pdq, set_config
 from tests.test_merkle import iterative_root
 
 REPLICAS = 3
@@ -74,14 +74,18 @@ async def wait_ready(replica: Replica) -> None:
 
 
 @pytest.fixture
-async def replicas(tmp_path: Path, postgres_database: str) -> AsyncIterator[Replicas]:
-    """One hub made with ``hashfed init --db``, its data directory copied once per replica, each served."""
+async def replicas(
+    tmp_path: Path, postgres_database: str, request: pytest.FixtureRequest
+) -> AsyncIterator[Replicas]:
+    """One hub made with ``hashfed init --db``, its data directory copied once per replica, each served;
+    hub.toml settings come from indirect parametrisation, if any."""
     hub = make_hub(
         tmp_path,
         "hub-r",
         {"acme": READ_WRITE, "beta": READ_WRITE, "gamma": READ_WRITE, "reader": READ},
         postgres_database,
     )
+    set_config(hub.data, getattr(request, "param", ""))
     running: list[Replica] = []
     for number in range(REPLICAS):
         directory = tmp_path / f"replica-{number}"
@@ -167,6 +171,25 @@ async def test_a_signature_used_at_one_replica_is_refused_at_every_other(replica
                 answers.append((response.status, await response.text()))
     assert [status for status, _ in answers] == [200, 401, 401, 401]
     assert all("replayed signature" in json.loads(text)["detail"] for _, text in answers[1:])
+
+
+@pytest.mark.parametrize("replicas", ["rate_limit_per_second = 0.01\nrate_limit_burst = 4\n"], indirect=True)
+async def test_a_keys_rate_limit_is_one_budget_across_replicas(replicas: Replicas) -> None:
+    answers = []
+    async with aiohttp.ClientSession() as session:
+        for number in range(4 * REPLICAS):  # taking turns: no replica alone sees more than the burst
+            replica = replicas.replicas[number % REPLICAS]
+            body = json.dumps({"queries": [{"type": "pdq", "hash": pdq(number)}]}).encode()
+            headers = sign_request(replicas.hub.members["reader"], "POST", "/v1/lookup", "", body)
+            headers["Content-Type"] = "application/json"
+            async with session.post(replica.url + "/v1/lookup", data=body, headers=headers) as response:
+                answers.append((response.status, response.headers.get("Retry-After"), await response.text()))
+        async with replicas.client("acme", 0) as other:  # another key has its own budget
+            assert len(await other.lookup([("pdq", pdq(1))], max_distance=0)) == 1
+    assert [status for status, _, _ in answers] == [200] * 4 + [429] * (4 * REPLICAS - 4)
+    for _, retry_after, text in answers[4:]:
+        assert "over its rate limit of 0.01 requests per second" in json.loads(text)["detail"]
+        assert retry_after is not None and 1 <= int(retry_after) <= 100
 
 
 async def test_a_killed_replica_loses_nothing_acknowledged_and_the_others_keep_serving(

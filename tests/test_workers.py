@@ -29,7 +29,7 @@ from federation.httpsig import sign_request
 from federation.index.segmented import DEFAULT_FRESH_LIMIT
 from federation.keys import SignerKey
 from tests.faults import free_port, start_hashfed, wait_exit
-from tests.sync_helpers import COLLECTION, READ, READ_WRITE, make_hub, pdq
+from tests.sync_helpers import COLLECTION, READ, READ_WRITE, make_hub, pdq, set_config
 
 WORKERS = 2
 
@@ -104,13 +104,7 @@ async def serving_workers(tmp_path: Path, settings: str = "") -> AsyncIterator[W
     """A hub with members acme, beta (read and write) and reader, served by ``WORKERS`` workers;
     ``settings`` are added to its hub.toml."""
     hub = make_hub(tmp_path, "hub-w", {"acme": READ_WRITE, "beta": READ_WRITE, "reader": READ})
-    changed = {line.split("=")[0].strip() for line in settings.splitlines()}
-    kept = [
-        line
-        for line in hub.data.config_file.read_text().splitlines()
-        if line.split("=")[0].strip() not in changed
-    ]
-    hub.data.config_file.write_text("\n".join(kept) + "\n" + settings)
+    set_config(hub.data, settings)
     port = free_port()
     log = tmp_path / "serve.log"
     proc = start_hashfed("serve", str(hub.data.path), "--port", str(port), "--workers", str(WORKERS), log=log)

@@ -191,10 +191,10 @@ def default_guard(node: Node, config: HubConfig) -> Guard:
     """This process's own replay memory and rate limits, or, for replicas on PostgreSQL, the database's."""
     if node.store.shared:
         from ..store.postgres import PostgresStore
-        from .replicas import DatabaseReplayGuard
+        from .replicas import DatabaseRequestGuard
 
         assert isinstance(node.store, PostgresStore)
-        return DatabaseReplayGuard(node.store, rate_limiter(config))
+        return DatabaseRequestGuard(node.store, config.rate_limit_per_second, config.burst)
     return RequestGuard(rate_limiter(config))
 
 

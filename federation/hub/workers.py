@@ -212,7 +212,7 @@ def run_worker(path: str, host: str, port: int, number: int, log_format: str) ->
     node.indexes.external_poll = 0.0
     node.indexes.writes_snapshots = number == 0
     shared = SharedState(data.path / STATE_FILE)
-    # On PostgreSQL, replicas on other machines append too: the database remembers signatures.
+    # On PostgreSQL, replicas on other machines answer too: the database keeps signatures and rate buckets.
     guard = (
         None if node.store.shared else SharedRequestGuard(shared, config.rate_limit_per_second, config.burst)
     )

@@ -210,7 +210,7 @@ class PostgresStore(SqlStore):
                 log.warning("lost the database's notifications (%s); listening again in 1 s", exc)
                 stop.wait(1.0)
 
-    # ---- replay protection across replicas -----------------------------------
+    # ---- replay protection and rate limits across replicas -------------------
 
     def first_uses(self, signatures: Sequence[bytes], now: int, expires: int) -> list[int | None]:
         """Record request signatures until ``expires``: for each, None if new, else the expiry it was seen with.
@@ -251,3 +251,40 @@ class PostgresStore(SqlStore):
             else:
                 firsts.append(seen.get(signature, expires))
         return firsts
+
+    def take_tokens(
+        self, asked: Sequence[tuple[str, int]], rate: float, burst: int
+    ) -> list[tuple[int, float]]:
+        """Charge each ``(key id, requests)`` against the key's token bucket, which every replica shares.
+
+        A bucket holds at most ``burst`` tokens and refills at ``rate`` per
+        second, by the database server's clock (the one clock all replicas
+        share). Returns, for each key in order, how many of its requests were
+        granted (its first ones; the rest are over its rate) and the tokens
+        left. One statement for all, atomic across replicas: the upsert locks
+        each key's row, so of two replicas charging one key at once the second
+        sees the first's charge. Each key must appear once.
+        """
+        if not asked:
+            return []
+        ordered = sorted(asked)  # rows locked in one order by every replica: no deadlock
+        refilled = "LEAST(?::float8, b.tokens + GREATEST(0, excluded.counted - b.counted) * ?::float8)"
+        with self._connection() as conn:
+            rows = conn.execute(
+                "INSERT INTO rate_buckets AS b (key_id, tokens, counted, asked, granted) "
+                "SELECT w.key_id, ?::float8 - LEAST(w.asked, floor(?::float8)), "
+                "extract(epoch FROM clock_timestamp())::float8, w.asked, LEAST(w.asked, floor(?::float8)) "
+                "FROM unnest(?::text[], ?::int[]) AS w(key_id, asked) "
+                "ON CONFLICT (key_id) DO UPDATE SET "
+                f"tokens = {refilled} - LEAST(excluded.asked, floor({refilled})), "
+                f"granted = LEAST(excluded.asked, floor({refilled})), "
+                "asked = excluded.asked, counted = excluded.counted "
+                "RETURNING key_id, granted, tokens",
+                (
+                    burst, burst, burst,
+                    [key_id for key_id, _ in ordered], [count for _, count in ordered],
+                    burst, rate, burst, rate, burst, rate,
+                ),
+            ).fetchall()  # fmt: skip
+        charged = {str(row[0]): (int(row[1]), float(row[2])) for row in rows}
+        return [charged[key_id] for key_id, _ in asked]

@@ -95,6 +95,21 @@ CREATE UNLOGGED TABLE seen_signatures (signature BYTEA PRIMARY KEY, expires BIGI
 CREATE INDEX seen_signatures_by_expiry ON seen_signatures (expires);
 """,
     ),
+    Migration(
+        3,
+        "rate limit buckets shared by every replica",
+        # asked and granted are the last charge's, for RETURNING: an upsert's
+        # update sees the requested count only through the row it would insert.
+        """
+CREATE UNLOGGED TABLE rate_buckets (
+    key_id TEXT PRIMARY KEY,
+    tokens DOUBLE PRECISION NOT NULL,
+    counted DOUBLE PRECISION NOT NULL,
+    asked INTEGER NOT NULL,
+    granted INTEGER NOT NULL
+);
+""",
+    ),
 )
 LATEST = MIGRATIONS[-1].version
 
