@@ -11,15 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from federation.index import mih
-from federation.index.mih import (
-    Method,
-    MihIndex,
-    as_codes,
-    choose_radii,
-    choose_widths,
-    popcount_distances,
-    split_widths,
-)
+from federation.index.mih import Method, MihIndex, popcount_distances
+from federation.index.mih_plan import choose_radii, choose_widths, split_widths
+from federation.index.mih_tables import as_codes
 
 Codes = npt.NDArray[np.uint64]
 CORPUS_SIZE = 20_000

@@ -37,7 +37,8 @@ import numpy.typing as npt
 
 from .budget import MatchBudget
 from .engines import CodeFormat, FaissBinaryIndex, FlatL2Index, Match, check_max_distance, decode_hashes
-from .mih import MihIndex, choose_widths
+from .mih import MihIndex
+from .mih_plan import choose_widths
 from .mih_tables import offsets_dtype, table_buckets, write_tables
 from .segment_files import CODES, RowReader, Segment, SegmentBuilder, UnmappedRows
 
