@@ -22,7 +22,7 @@ import asyncio
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from ..index.budget import DEFAULT_MAX_MATCHES_PER_ANSWER, DEFAULT_MAX_MATCHES_PER_QUERY, MatchBudget
@@ -111,7 +111,8 @@ class Answer:
 @dataclass
 class _Request:
     queries: Sequence[Query]
-    done: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event | None = None
+    """Set when the request is answered or leads; only a caller that waits (``lookup``) needs one."""
     result: Answer | None = None
     error: BaseException | None = None
     lead: bool = False
@@ -151,7 +152,8 @@ class LookupBatcher:
             results = self._search(collections, queries, budget)
             return Answer(results, frozenset(budget.truncated))
         key = tuple(collections)
-        request = _Request(queries)
+        done = threading.Event()
+        request = _Request(queries, done)
         with self._lock:
             self.requests += 1
             self._pending.setdefault(key, []).append(request)
@@ -159,10 +161,10 @@ class LookupBatcher:
                 self._running.add(key)
                 request.lead = True
         if not request.lead:
-            request.done.wait()
+            done.wait()
             if not request.lead:
                 return request.outcome()
-            request.done.clear()
+            done.clear()
         with self._lock:
             batch = self._take(key)
         self._run(collections, batch)
@@ -171,6 +173,7 @@ class LookupBatcher:
             if waiting:
                 successor = waiting[0]
                 successor.lead = True
+                assert successor.done is not None  # queued only by lookup()
                 successor.done.set()
             else:
                 self._pending.pop(key, None)
@@ -225,7 +228,8 @@ class LookupBatcher:
             for request in batch:
                 request.error = exc
                 request.lead = False
-                request.done.set()
+                if request.done is not None:
+                    request.done.set()
             return
         with self._lock:
             self.searches += 1
@@ -236,4 +240,5 @@ class LookupBatcher:
             request.result = Answer(results[offset:end], truncated)
             offset = end
             request.lead = False
-            request.done.set()
+            if request.done is not None:
+                request.done.set()
