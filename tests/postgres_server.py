@@ -33,6 +33,8 @@ class PostgresServer:
     data_dir: Path | None = None
     """Set when this session started the server (and must stop it)."""
     run_as: list[str] | None = None
+    options: str = ""
+    """The server's command-line options, to start it again after :meth:`pause`."""
 
     def url(self, database: str) -> str:
         base, _, _ = self.admin_url.rpartition("/")
@@ -52,20 +54,27 @@ class PostgresServer:
     def stop(self) -> None:
         if self.data_dir is None:
             return
+        self._pg_ctl("-m", "immediate", "stop", check=False)
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    def pause(self) -> None:
+        """Shut the server down (its clients' connections end), keeping its data for :meth:`resume`."""
+        self._pg_ctl("-m", "fast", "-w", "stop")
+
+    def resume(self) -> None:
+        self._pg_ctl("-l", str(self._own_dir() / "server.log"), "-o", self.options, "-w", "start")
+
+    def _own_dir(self) -> Path:
+        if self.data_dir is None:
+            raise RuntimeError("only a server these tests started can be stopped and started")
+        return self.data_dir
+
+    def _pg_ctl(self, *arguments: str, check: bool = True) -> None:
         subprocess.run(
-            [
-                *(self.run_as or []),
-                _binary("pg_ctl"),
-                "-D",
-                str(self.data_dir / "data"),
-                "-m",
-                "immediate",
-                "stop",
-            ],
-            check=False,
+            [*(self.run_as or []), _binary("pg_ctl"), "-D", str(self._own_dir() / "data"), *arguments],
+            check=check,
             capture_output=True,
         )
-        shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
 def _binary(name: str) -> str:
@@ -85,8 +94,13 @@ def start_postgres() -> PostgresServer | None:
     """The server to test against; None when there is none and none can be started."""
     if os.environ.get(ENVIRONMENT):
         return PostgresServer(os.environ[ENVIRONMENT])
+    return start_own_postgres()
+
+
+def start_own_postgres() -> PostgresServer | None:
+    """A server of its own (one a test may stop); None when Debian's binaries are missing."""
     try:
-        initdb, pg_ctl = _binary("initdb"), _binary("pg_ctl")
+        initdb, _ = _binary("initdb"), _binary("pg_ctl")
     except FileNotFoundError:
         return None
     run_as: list[str] = []
@@ -120,20 +134,6 @@ def start_postgres() -> PostgresServer | None:
         f"-c listen_addresses=127.0.0.1 -p {port} -k {root} -c fsync=off "
         "-c synchronous_commit=off -c full_page_writes=off -c max_connections=300"
     )
-    subprocess.run(
-        [
-            *run_as,
-            pg_ctl,
-            "-D",
-            str(root / "data"),
-            "-l",
-            str(root / "server.log"),
-            "-o",
-            options,
-            "-w",
-            "start",
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return PostgresServer(f"postgresql://hashfed@127.0.0.1:{port}/postgres", root, run_as)
+    server = PostgresServer(f"postgresql://hashfed@127.0.0.1:{port}/postgres", root, run_as, options)
+    server.resume()
+    return server

@@ -7,18 +7,23 @@ fixture.
 
 from __future__ import annotations
 
+import json
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from federation.admin import init_hub
+from federation.client import HubClient, HubError
 from federation.config import ConfigError, DataDir
-from federation.httpsig import VerifiedRequest
+from federation.envelope import Addition
+from federation.httpsig import VerifiedRequest, sign_request
 from federation.hub import open_node
 from federation.hub.limits import RateLimiter, RequestGuard
 from federation.hub.replicas import DatabaseRequestGuard
@@ -26,9 +31,9 @@ from federation.signals import MD5, PDQ
 from federation.store.base import StoreError
 from federation.store.postgres import PostgresStore
 from federation.store.postgres_schema import LATEST
-from tests.faults import hashfed, start_hashfed, wait_exit
+from tests.faults import free_port, hashfed, start_hashfed, wait_exit, wait_until_ready
 from tests.helpers import batch_doc, envelope, item, md5, node_lookup, opinion_doc, pdq
-from tests.postgres_server import PostgresServer
+from tests.postgres_server import PostgresServer, start_own_postgres
 from tests.sync_helpers import COLLECTION, READ, READ_WRITE, make_hub
 from tests.test_limits import admitted_one_by_one, admitted_together
 
@@ -229,3 +234,65 @@ def test_a_bulk_append_leaves_the_planner_knowing_the_tables_are_large(
         )
     assert estimate >= 6_000
     assert "Filter" not in plan, plan  # each hash is an index condition, not a filter over the collection
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL server for one test, which the test may shut down and start again."""
+    server = start_own_postgres()
+    if server is None:
+        pytest.skip("needs Debian's postgresql package (initdb, pg_ctl) to run a server a test may stop")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def test_while_the_database_is_down_requests_answer_503_and_the_hub_recovers_by_itself(
+    tmp_path: Path, own_postgres: PostgresServer
+) -> None:
+    with own_postgres.fresh_database() as url:
+        hub = make_hub(tmp_path, "hub-o", {"acme": READ_WRITE, "reader": READ}, url)
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        log = tmp_path / "serve.log"
+        proc = start_hashfed("serve", str(hub.data.path), "--port", str(port), "--workers", "1", log=log)
+        try:
+            await wait_until_ready(base, proc, log)
+            async with HubClient(base, hub.members["acme"], retries=0) as acme:
+                first = (await acme.submit(COLLECTION, [Addition("pdq", pdq(1))])).index
+                own_postgres.pause()
+                with pytest.raises(HubError) as refused:
+                    await acme.submit(COLLECTION, [Addition("pdq", pdq(2))])
+                assert (refused.value.status, refused.value.kind) == (
+                    503,
+                    "urn:hashfed:problem:storage-failed",
+                )
+                assert "the database server cannot be reached (postgresql://hashfed@127.0.0.1:" in (
+                    refused.value.detail
+                )
+                body = json.dumps({"queries": [{"type": "pdq", "hash": pdq(1)}]}).encode()
+                headers = sign_request(hub.members["reader"], "POST", "/v1/lookup", "", body)
+                headers["Content-Type"] = "application/json"
+                async with aiohttp.ClientSession() as session:
+                    async with session.post(base + "/v1/lookup", data=body, headers=headers) as response:
+                        assert response.status == 503
+                        assert response.content_type == "application/problem+json"
+                        assert response.headers["Retry-After"].isdigit()
+                        assert "nothing was written" in (await response.json())["detail"]
+                    async with session.get(base + "/v1/ready") as response:
+                        assert response.status == 503
+                        problem = await response.json()
+                        assert problem["type"].endswith(":not-ready")
+                        said = problem["detail"]
+                        assert "the hub cannot use its storage: the database server cannot be reached" in said
+                own_postgres.resume()
+                await wait_until_ready(base, proc, log)
+                second = (await acme.submit(COLLECTION, [Addition("pdq", pdq(2))])).index
+                assert second == first + 1  # the refused submission left nothing behind
+                found = await acme.lookup([("pdq", pdq(1)), ("pdq", pdq(2))], max_distance=0)
+                assert [[match["hash"] for match in matches] for matches in found] == [[pdq(1)], [pdq(2)]]
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert wait_exit(proc, 60) == 0, log.read_text()
+    assert "Traceback" not in log.read_text()

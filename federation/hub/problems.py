@@ -93,7 +93,7 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
     except Problem as exc:
         return _rendered(exc)
     except StorageUnavailable as exc:
-        logging.getLogger("hashfed.hub").error("storage refused a write: %s", exc)
+        logging.getLogger("hashfed.hub").error("storage unavailable: %s", exc)
         return _rendered(storage_problem(exc))
     except web.HTTPException as exc:
         if exc.status < 400:

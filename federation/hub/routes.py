@@ -110,8 +110,14 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def ready(request: web.Request) -> web.Response:
-    if not _runtime(request).ready:
+    runtime = _runtime(request)
+    if not runtime.ready:
         raise Problem(503, "not-ready", "the hub is still loading its indexes; retry shortly")
+    store = runtime.node.store
+    # Only a database server can become unreachable; asking it takes a reader thread.
+    reason = await runtime.read(store.unavailable) if store.shared else store.unavailable()
+    if reason is not None:
+        raise Problem(503, "not-ready", f"the hub cannot use its storage: {reason}; retry shortly")
     return web.json_response({"status": "ready"})
 
 

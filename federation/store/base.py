@@ -23,9 +23,11 @@ class StoreError(Exception):
 
 
 class StorageUnavailable(StoreError):
-    """The storage cannot take writes now (full, read-only, failing); nothing was written.
+    """The storage cannot be used now (full, read-only, failing, or a database that cannot be
+    reached); nothing was written.
 
-    Reads still work. ``reason`` is ``full``, ``read-only`` or ``io-error``.
+    A full or read-only disk still serves reads. ``reason`` is ``full``,
+    ``read-only`` or ``io-error``.
     """
 
     def __init__(self, reason: str, detail: str) -> None:
@@ -123,6 +125,7 @@ class HubStore(Protocol):
         self, collection: str, signal: str, hashes: Sequence[str]
     ) -> dict[str, list[MemberView]]: ...
     def close(self) -> None: ...
+    def unavailable(self) -> str | None: ...
 
     # ---- mirrored collections (federation.sync) ----
     def sources(self) -> list[SourceRecord]: ...

@@ -18,7 +18,9 @@ The queries are :mod:`.sql_store`'s, shared with SQLite. What differs:
 from __future__ import annotations
 
 import logging
+import math
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -36,11 +38,19 @@ from .sql_txn import Connection, Cursor
 log = logging.getLogger("hashfed.store")
 
 CHANNEL = "hashfed_log"
+"""The notification channel every write transaction notifies, with the collection's name."""
 ANALYZE_MIN_ROWS = 5_000
 """Rows written by this process before the first ANALYZE (then a fifth of what was analyzed)."""
 ANALYZED_TABLES = ("listings", "contents", "opinions", "changes", "entries", "tree", "seqs")
-"""The notification channel every write transaction notifies, with the collection's name."""
 DEFAULT_POOL_SIZE = 8
+CONNECTION_WAIT_SECONDS = 5.0
+"""The longest a query waits for a pooled connection, and a new connection for the server.
+
+A request that needs the database while it cannot be reached is answered
+503 ``storage-failed`` after this long, instead of holding its slot (and its
+client) for psycopg's default of 30 s."""
+READINESS_CHECK_SECONDS = 1.0
+"""How long one readiness check of the database is reused (probes may come often)."""
 
 
 def _placeholders(sql: str) -> str:
@@ -80,16 +90,33 @@ def storage_fault(exc: BaseException, url: str) -> StorageUnavailable | None:
         return StorageUnavailable(
             "read-only", f"the database ({where}) takes no writes (a standby?); nothing was written"
         )
-    if isinstance(exc, PoolTimeout | psycopg.OperationalError):
-        return StorageUnavailable(
-            "io-error", f"the database server cannot be reached ({where}: {exc}); nothing was written"
+    reason = unreachable(exc, url)
+    if reason is not None:
+        return StorageUnavailable("io-error", f"{reason}; nothing was written")
+    return None
+
+
+def unreachable(exc: BaseException, url: str) -> str | None:
+    """What a PostgreSQL error says when it means the database cannot be reached now, else None."""
+    if isinstance(exc, PoolTimeout):
+        return (
+            f"no connection to the database ({redact(url)}) within {CONNECTION_WAIT_SECONDS:g} s: "
+            "the server cannot be reached, or every pooled connection is busy"
         )
+    if isinstance(exc, psycopg.OperationalError):
+        return f"the database server cannot be reached ({redact(url)}: {exc})"
     return None
 
 
 def _connect_pool(url: str, size: int) -> ConnectionPool[Any]:
     pool: ConnectionPool[Any] = ConnectionPool(
-        url, min_size=1, max_size=size, kwargs={"autocommit": True}, name="hashfed", open=False
+        url,
+        min_size=1,
+        max_size=size,
+        kwargs={"autocommit": True, "connect_timeout": math.ceil(CONNECTION_WAIT_SECONDS)},
+        name="hashfed",
+        open=False,
+        timeout=CONNECTION_WAIT_SECONDS,
     )
     try:
         pool.open(wait=True, timeout=10.0)
@@ -109,6 +136,8 @@ class PostgresStore(SqlStore):
         self.url = url
         self._translated: dict[str, str] = {}
         self._analyze_lock = threading.Lock()
+        self._health_lock = threading.Lock()
+        self._health: tuple[float, str | None] = (-math.inf, None)
         self._analyzed = 0
         self._unanalyzed = 0
         self._pool = _connect_pool(url, pool_size)
@@ -129,30 +158,56 @@ class PostgresStore(SqlStore):
         self._pool.close()
 
     @contextmanager
-    def _connection(self) -> Iterator[Connection]:
-        with self._pool.connection() as conn:
-            yield _PgConnection(conn, self._translated)
-
-    @contextmanager
-    def _snapshot(self) -> Iterator[Connection]:
-        with self._pool.connection() as conn:
-            conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            try:
-                yield _PgConnection(conn, self._translated)
-            finally:
-                conn.execute("ROLLBACK")
-
-    @contextmanager
-    def _transaction(self) -> Iterator[Connection]:
-        """A write transaction; a full, read-only or unreachable database raises :class:`StorageUnavailable`."""
+    def _faults(self) -> Iterator[None]:
+        """Errors that mean the database cannot be used now, as :class:`StorageUnavailable` (503, 507)."""
         try:
-            with self._pool.connection() as conn, conn.transaction():
-                yield _PgConnection(conn, self._translated)
+            yield
         except (psycopg.Error, PoolTimeout) as exc:
             fault = storage_fault(exc, self.url)
             if fault is None:
                 raise
+            reason = unreachable(exc, self.url)
+            if reason is not None:  # readiness says so at once, not after its cached answer
+                with self._health_lock:
+                    self._health = (time.monotonic(), reason)
             raise fault from exc
+
+    @contextmanager
+    def _connection(self) -> Iterator[Connection]:
+        with self._faults(), self._pool.connection() as conn:
+            yield _PgConnection(conn, self._translated)
+
+    @contextmanager
+    def _snapshot(self) -> Iterator[Connection]:
+        with self._faults(), self._pool.connection() as conn:
+            conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            try:
+                yield _PgConnection(conn, self._translated)
+            finally:
+                if not conn.closed:
+                    conn.execute("ROLLBACK")
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Connection]:
+        """A write transaction; a full, read-only or unreachable database raises :class:`StorageUnavailable`."""
+        with self._faults(), self._pool.connection() as conn, conn.transaction():
+            yield _PgConnection(conn, self._translated)
+
+    def unavailable(self) -> str | None:
+        """Why the database cannot be used now, or None: for readiness (one check a second at most)."""
+        with self._health_lock:
+            checked, reason = self._health
+        if time.monotonic() - checked < READINESS_CHECK_SECONDS:
+            return reason
+        reason = None
+        try:
+            with self._pool.connection() as conn:
+                conn.execute("SELECT 1")
+        except (psycopg.Error, PoolTimeout) as exc:
+            reason = unreachable(exc, self.url) or f"the database refused a check ({redact(self.url)}: {exc})"
+        with self._health_lock:
+            self._health = (time.monotonic(), reason)
+        return reason
 
     def _lock_collection(self, conn: Connection, collection: str) -> int | None:
         """Lock the collection's row until the transaction ends: appends to it wait in turn."""
@@ -182,7 +237,7 @@ class PostgresStore(SqlStore):
         try:
             with self._connection() as conn:
                 conn.execute(f"ANALYZE {', '.join(ANALYZED_TABLES)}")
-        except psycopg.Error as exc:
+        except (psycopg.Error, StorageUnavailable) as exc:
             log.warning("could not update the planner's statistics of %s: %s", redact(self.url), exc)
 
     # ---- replicas --------------------------------------------------------------

@@ -50,6 +50,10 @@ class SqlStore(ABC):
     def __init__(self) -> None:
         self._parsed_keys: dict[str, VerifierKey] = {}
 
+    def unavailable(self) -> str | None:
+        """Why the storage cannot be used now, or None (a database server that cannot be reached)."""
+        return None
+
     @abstractmethod
     def _connection(self) -> AbstractContextManager[Connection]:
         """A connection for single statements that need no snapshot."""
