@@ -152,6 +152,25 @@ def test_an_unreachable_database_is_a_clear_error(tmp_path: Path) -> None:
         )
 
 
+def test_a_command_whose_database_is_down_says_why_in_one_line(
+    tmp_path: Path, own_postgres: PostgresServer
+) -> None:
+    with own_postgres.fresh_database() as url:
+        hub = make_hub(tmp_path, "hub-d", {"acme": READ_WRITE}, url)
+        own_postgres.pause()
+        try:
+            done = hashfed("member", "list", str(hub.data.path))
+        finally:
+            own_postgres.resume()
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr  # the driver's reason, not the pool's retries until a timeout
+    assert lines[0].startswith(
+        "hashfed: error: cannot connect to the database postgresql://hashfed@127.0.0.1:"
+    )
+    assert "Connection refused" in lines[0]
+
+
 def test_migrate_store_moves_a_hub_to_postgresql_with_the_same_log_roots_and_answers(
     tmp_path: Path, empty_database: str
 ) -> None:

@@ -109,6 +109,17 @@ def unreachable(exc: BaseException, url: str) -> str | None:
 
 
 def _connect_pool(url: str, size: int) -> ConnectionPool[Any]:
+    """A pool of connections to ``url``, or a :class:`StoreError` saying why the server cannot be used.
+
+    One connection is made first, on its own: if it fails, its error (refused,
+    no such host, bad password) is the one reported, at once, rather than the
+    pool's retries logged until its timeout.
+    """
+    try:
+        psycopg.connect(url, connect_timeout=math.ceil(CONNECTION_WAIT_SECONDS)).close()
+    except psycopg.Error as exc:
+        said = " ".join(str(exc).split())
+        raise StoreError(f"cannot connect to the database {redact(url)}: {said}") from exc
     pool: ConnectionPool[Any] = ConnectionPool(
         url,
         min_size=1,
