@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -113,6 +114,34 @@ def test_a_keys_tokens_are_one_bucket_across_replicas_refilled_by_the_database_c
     finally:
         first.close()
         second.close()
+
+
+def test_replicas_charging_the_same_keys_at_once_grant_each_bucket_exactly_once(empty_database: str) -> None:
+    stores = [PostgresStore(empty_database), PostgresStore(empty_database)]
+    granted: list[tuple[int, int]] = []
+
+    def charge(store: PostgresStore, order: list[str]) -> None:
+        for _ in range(20):  # the keys in a different order per thread: locks are still taken in one order
+            (first, _), (second, _) = store.take_tokens([(order[0], 3), (order[1], 2)], 0.001, 50)
+            granted.append((first, second) if order[0] == "a" else (second, first))
+
+    try:
+        threads = [
+            threading.Thread(
+                target=charge, args=(stores[number % 2], ["a", "b"] if number % 2 else ["b", "a"])
+            )
+            for number in range(4)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        for store in stores:
+            store.close()
+    assert len(granted) == 80  # every charge answered: no deadlock, no error
+    assert sum(a for a, _ in granted) == 50  # of 4 x 20 x 3 asked: the burst, no more (no lost update)
+    assert sum(b for _, b in granted) == 50
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
