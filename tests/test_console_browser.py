@@ -32,6 +32,7 @@ if CHROMIUM is None or CHROMEDRIVER is None:
         "needs Debian's chromium and chromium-driver (.ci/run installs them)", allow_module_level=True
     )
 from selenium.webdriver.common.by import By  # noqa: E402 - after the skip above
+from selenium.webdriver.support import expected_conditions  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 PAGES = ("", "members", "log", "log/main/2", "peers", "refusals", "lookup")
@@ -83,6 +84,8 @@ def log_in(browser: Any, url: str, token: str) -> None:
     field = browser.find_element(By.NAME, "token")
     field.send_keys(token)
     field.submit()
+    # The answer is a new page: wait for it, or the next look finds the form that was just sent.
+    WebDriverWait(browser, 10).until(expected_conditions.staleness_of(field))
 
 
 def console_errors(browser: Any) -> list[dict[str, Any]]:
