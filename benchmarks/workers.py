@@ -198,9 +198,8 @@ def report(
 
 
 def warm_page_cache(directory: Path) -> None:
-    """Read every file under ``directory`` once, so that no run pays for reading a reused hub's
-    segment files from disk (the first run did: 1,153 µs of CPU per request against 1,040 µs with
-    two workers right after it, at 10M)."""
+    """Read every file under ``directory`` once, so that reading a reused hub's segment files from
+    disk does not fall on whichever run comes first."""
     for path in sorted(directory.rglob("*")):
         if path.is_file():
             with path.open("rb") as segment:

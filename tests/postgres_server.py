@@ -100,7 +100,8 @@ def start_postgres() -> PostgresServer | None:
 def start_own_postgres() -> PostgresServer | None:
     """A server of its own (one a test may stop); None when Debian's binaries are missing."""
     try:
-        initdb, _ = _binary("initdb"), _binary("pg_ctl")
+        initdb = _binary("initdb")
+        _binary("pg_ctl")  # resume() and stop() run it
     except FileNotFoundError:
         return None
     run_as: list[str] = []
